@@ -1,0 +1,76 @@
+"""automator: declarative, LLM-powered workflow automation with an item ledger.
+
+The public API for plugin authors and embedders is re-exported here.
+"""
+
+from __future__ import annotations
+
+from automator.engine.context import RunContext
+from automator.engine.runner import RunResult, run_workflow
+from automator.errors import (
+    AutomatorError,
+    ConfigError,
+    HistoryError,
+    ModelError,
+    PluginError,
+    Problem,
+    QuarantineItem,
+    SkipItem,
+    StepError,
+    TemplateRenderError,
+    WorkflowFileError,
+)
+from automator.history.store import History
+from automator.plugins.events import ItemOutcome, RunFinished, RunInfo, RunStarted, StepFinished, StepStarted
+from automator.plugins.hookspecs import hookimpl
+from automator.plugins.manager import Plugins, load_plugins
+from automator.plugins.steps import (
+    DeliverStep,
+    FetchStep,
+    Item,
+    Phase,
+    Step,
+    StepConfig,
+    TransformStep,
+    ValidateStep,
+)
+from automator.spec.durations import Duration
+from automator.spec.loader import Workflow, load_workflow
+
+__all__ = [
+    "AutomatorError",
+    "ConfigError",
+    "DeliverStep",
+    "Duration",
+    "FetchStep",
+    "History",
+    "HistoryError",
+    "Item",
+    "ItemOutcome",
+    "ModelError",
+    "Phase",
+    "PluginError",
+    "Plugins",
+    "Problem",
+    "QuarantineItem",
+    "RunContext",
+    "RunFinished",
+    "RunInfo",
+    "RunResult",
+    "RunStarted",
+    "SkipItem",
+    "Step",
+    "StepConfig",
+    "StepError",
+    "StepFinished",
+    "StepStarted",
+    "TemplateRenderError",
+    "TransformStep",
+    "ValidateStep",
+    "Workflow",
+    "WorkflowFileError",
+    "hookimpl",
+    "load_plugins",
+    "load_workflow",
+    "run_workflow",
+]

@@ -1,0 +1,100 @@
+"""Calling a step's method: sync or async, in a thread if it blocks, with timeout and retry."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from automator.errors import ItemSignal, StepError
+from automator.spec.models import RetryPolicy
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ItemSignal | asyncio.CancelledError):
+        return False
+    if isinstance(exc, StepError):
+        return exc.retryable
+    return isinstance(exc, Exception)
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    value = getattr(exc, "retry_after", None)
+    return float(value) if isinstance(value, int | float) and value >= 0 else None
+
+
+@dataclass
+class Caller:
+    """Calls one step method under one step's retry policy, timeout and blocking flag."""
+
+    retry: RetryPolicy
+    timeout: timedelta | None
+    blocking: bool
+    retries: int = 0
+
+    def _backoff(self, attempt: int, exc: BaseException | None) -> float:
+        # exponential, with full jitter on the upper half so many items do not retry in lockstep
+        server_says = _retry_after(exc)
+        if server_says is not None:
+            return min(server_says, self.retry.max_backoff.total_seconds())
+        base = self.retry.backoff.total_seconds() * (2 ** max(attempt - 1, 0))
+        capped = min(base, self.retry.max_backoff.total_seconds())
+        return capped * random.uniform(0.5, 1.0)
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return self._backoff(state.attempt_number + 1, exc)
+
+    async def _once(self, method: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        seconds = self.timeout.total_seconds() if self.timeout else None
+        if inspect.iscoroutinefunction(method):
+            async with asyncio.timeout(seconds):
+                return await method(*args)
+        if self.blocking:
+            async with asyncio.timeout(seconds):
+                return await asyncio.to_thread(method, *args)
+        result = method(*args)
+        if inspect.isawaitable(result):
+            async with asyncio.timeout(seconds):
+                return await result
+        return result
+
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Try once; on a retryable failure, back off and try again up to the policy's limit."""
+        try:
+            return await self._once(method, args)
+        except Exception as first:
+            if self.retry.attempts <= 1 or not is_retryable(first):
+                raise
+            failure: BaseException = first
+        self.retries += 1
+        await asyncio.sleep(self._backoff(1, failure))
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry.attempts - 1),
+            wait=self._wait,
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.retries += 1
+                return await self._once(method, args)
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line account of an error for the history: type and message, no traceback."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, StepError):
+        return exc.message
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,532 @@
+"""Running a workflow: steps in order, items through them, every outcome in the ledger.
+
+The run keeps one promise above all: every item a fetch produced ends in exactly one
+outcome (delivered, skipped, quarantined, failed), recorded in the history, whatever
+happens to the run — a failing step, a timeout, an interruption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from automator import templates
+from automator.engine.calls import Caller, describe_error
+from automator.engine.context import RunContext
+from automator.errors import QuarantineItem, SkipItem, StepError
+from automator.history.store import History, ItemRow, OutcomeRow
+from automator.plugins.events import ItemOutcome, RunFinished, RunInfo, RunStarted, StepFinished, StepStarted
+from automator.plugins.manager import Plugins
+from automator.plugins.steps import PHASE_METHOD, Item, Phase, Step
+from automator.spec.loader import BoundStep, Workflow
+
+ProgressCallback = Callable[[str, int, int], None]
+HEARTBEAT_SECONDS = 10.0
+FLUSH_EVERY = 500
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    workflow: str
+    status: str
+    error: str | None
+    error_step: str | None
+    counts: dict[str, int]
+    summaries: list[tuple[str, str]] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+
+class _StopRun(Exception):  # noqa: N818 - control flow inside the runner
+    def __init__(self, error: str, step_id: str | None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.step_id = step_id
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve_params(workflow: Workflow, given: dict[str, Any] | None) -> dict[str, Any]:
+    from automator.errors import ConfigError
+
+    params = dict(workflow.spec.params)
+    for name, value in (given or {}).items():
+        if name not in params:
+            known = ", ".join(sorted(params)) or "none"
+            raise ConfigError(f"unknown parameter {name!r} for workflow {workflow.name} (declared: {known})")
+        params[name] = value
+    return params
+
+
+class Run:
+    """One run of one workflow."""
+
+    def __init__(
+        self,
+        workflow: Workflow,
+        history: History,
+        plugins: Plugins,
+        *,
+        params: dict[str, Any] | None = None,
+        trigger: str = "cli",
+        scheduled_for: datetime | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self.history = history
+        self.plugins = plugins
+        self.params = resolve_params(workflow, params)
+        self.trigger = trigger
+        self.scheduled_for = scheduled_for
+        self.progress = progress
+        self.items: list[Item] = []
+        self.active: list[Item] = []
+        self.counts = {"fetched": 0, "delivered": 0, "skipped": 0, "quarantined": 0, "failed": 0}
+        self._pending_outcomes: list[OutcomeRow] = []
+        self._ended: set[int] = set()
+        self._first_failure: tuple[str, str] | None = None
+        self.summaries: list[tuple[str, str]] = []
+        self.context: RunContext | None = None
+
+    # -- the ledger -------------------------------------------------------------------
+
+    def _end_item(self, item: Item, outcome: str, step_id: str | None, reason: str | None, result: Any = None) -> None:
+        if item.seq in self._ended:
+            return
+        self._ended.add(item.seq)
+        ctx = self.context
+        assert ctx is not None
+        reason = ctx.redactor.text(reason)
+        result = ctx.redactor.data(result)
+        self.counts[outcome] += 1
+        self._pending_outcomes.append(OutcomeRow(item.seq, outcome, step_id, reason, result))
+        if outcome == "failed" and self._first_failure is None:
+            self._first_failure = (step_id or "", reason or "")
+        if self.plugins.wants_item_events:
+            self.plugins.item_outcome(ItemOutcome(ctx.info, item.seq, item.key, outcome, step_id, reason, item.data))
+        if len(self._pending_outcomes) >= FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending_outcomes and self.context is not None:
+            rows, self._pending_outcomes = self._pending_outcomes, []
+            self.history.set_outcomes(self.context.run_id, rows)
+
+    # -- running ----------------------------------------------------------------------
+
+    async def execute(self) -> RunResult:
+        wf = self.workflow
+        record = self.history.start_run(
+            workflow=wf.name,
+            version=wf.version,
+            path=str(wf.path),
+            trigger=self.trigger,
+            params=self.params,
+            scheduled_for=self.scheduled_for,
+            owner=owner_id(),
+        )
+        info = RunInfo(
+            id=record.id,
+            workflow=wf.name,
+            trigger=self.trigger,
+            started_at=record.started_at,
+            version=wf.version,
+            scheduled_for=self.scheduled_for,
+        )
+        self.context = ctx = RunContext(wf, self.plugins, self.history, info, self.params)
+        self.plugins.run_started(RunStarted(info))
+        started = time.monotonic()
+        status, error, error_step = "succeeded", None, None
+        heartbeat = asyncio.create_task(self._heartbeat())
+        timeout = wf.spec.timeout.total_seconds() if wf.spec.timeout else None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._run_steps()
+        except _StopRun as stop:
+            status, error, error_step = "failed", stop.error, stop.step_id
+        except TimeoutError:
+            status, error = "timed_out", f"the run exceeded its timeout of {timeout:g}s"
+        except asyncio.CancelledError:
+            status, error = "interrupted", "the run was interrupted"
+            raise
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            leftover = error or "the run ended before the item was processed"
+            for item in self.active:
+                self._end_item(item, "failed", error_step, f"not processed: {leftover}")
+            if status == "succeeded" and self.counts["failed"]:
+                assert self._first_failure is not None
+                step_id, reason = self._first_failure
+                status, error_step = "failed", step_id
+                error = f"{self.counts['failed']} item(s) failed; first: {reason}"
+            error = ctx.redactor.text(error)
+            self._flush()
+            self.history.finish_run(info.id, status=status, error=error, error_step=error_step, counts=self.counts)
+            duration = time.monotonic() - started
+            self.plugins.run_finished(RunFinished(info, status, error, dict(self.counts), duration))
+        if status != "succeeded" and wf.on_failure:
+            await self._on_failure(status, error, error_step)
+        return RunResult(info.id, wf.name, status, error, error_step, dict(self.counts), self.summaries, duration)
+
+    async def _heartbeat(self) -> None:
+        assert self.context is not None
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            self.history.update_counts(self.context.run_id, self.counts)
+
+    async def _run_steps(self) -> None:
+        for bound in self.workflow.steps:
+            if bound.phase is Phase.FETCH:
+                await self._fetch(bound)
+            else:
+                await self._item_step(bound)
+            self._flush()
+        for item in self.active:
+            reason = (
+                None
+                if any(s.phase is Phase.DELIVER for s in self.workflow.steps)
+                else ("passed every step (the workflow has no deliver step)")
+            )
+            self._end_item(item, "delivered", self.workflow.steps[-1].id, reason, item.data)
+        self.active = []
+
+    def _make_step(self, bound: BoundStep) -> Step[Any]:
+        assert self.context is not None
+        return bound.type(bound.config, self.context, bound.id)
+
+    def _caller(self, bound: BoundStep) -> Caller:
+        defaults = self.workflow.spec.defaults
+        return Caller(
+            retry=bound.spec.retry or defaults.retry,
+            timeout=bound.spec.timeout or defaults.timeout,
+            blocking=bound.type.blocking,
+        )
+
+    def _step_started(self, bound: BoundStep, items_in: int, attempt: int = 1) -> tuple[int, float]:
+        assert self.context is not None
+        self.plugins.step_started(StepStarted(self.context.info, bound.id, bound.type.name, str(bound.phase), items_in))
+        attempt_id = self.history.start_step(
+            self.context.run_id,
+            step_id=bound.id,
+            step_type=bound.type.name,
+            phase=str(bound.phase),
+            attempt=attempt,
+            items_in=items_in,
+        )
+        return attempt_id, time.monotonic()
+
+    def _step_finished(
+        self,
+        bound: BoundStep,
+        attempt_id: int,
+        started: float,
+        *,
+        status: str,
+        error: str | None,
+        items_in: int,
+        items_out: int,
+        retries: int,
+        summary: str | None,
+    ) -> None:
+        assert self.context is not None
+        redact = self.context.redactor.text
+        self.history.finish_step(
+            attempt_id,
+            status=status,
+            error=redact(error),
+            items_out=items_out,
+            retries=retries,
+            summary=redact(summary),
+        )
+        self.plugins.step_finished(
+            StepFinished(
+                self.context.info,
+                bound.id,
+                bound.type.name,
+                str(bound.phase),
+                status,
+                redact(error),
+                items_in,
+                items_out,
+                time.monotonic() - started,
+            )
+        )
+
+    # -- fetch ------------------------------------------------------------------------
+
+    async def _fetch(self, bound: BoundStep) -> None:
+        assert self.context is not None
+        step = self._make_step(bound)
+        caller = self._caller(bound)
+        attempt_id, started = self._step_started(bound, 0)
+        try:
+            raw = await caller.call(step.fetch)
+            if raw is None:
+                raw = []
+            elif not isinstance(raw, Iterable) or isinstance(raw, str | bytes | dict):
+                raise StepError(
+                    f"{bound.type.name} returned {type(raw).__name__}, not a list of items", retryable=False
+                )
+            fetched = list(raw)
+        except Exception as exc:  # noqa: BLE001 - any failure of the fetch ends the run, recorded
+            error = self._timeout_text(exc, caller) or describe_error(exc)
+            self._step_finished(
+                bound,
+                attempt_id,
+                started,
+                status="failed",
+                error=error,
+                items_in=0,
+                items_out=0,
+                retries=caller.retries,
+                summary=None,
+            )
+            await step.close()
+            raise _StopRun(f"step {bound.id} ({bound.type.name}) failed: {error}", bound.id) from None
+        await step.close()
+        new_items = self._admit(bound, fetched)
+        summary = step.summary()
+        if summary:
+            self.summaries.append((bound.id, summary))
+        self._step_finished(
+            bound,
+            attempt_id,
+            started,
+            status="succeeded",
+            error=None,
+            items_in=0,
+            items_out=len(new_items),
+            retries=caller.retries,
+            summary=summary,
+        )
+
+    def _admit(self, bound: BoundStep, fetched: list[Any]) -> list[Item]:
+        """Number the fetched items, give them keys, enter them in the ledger, drop repeats."""
+        assert self.context is not None
+        ctx = self.context
+        first_seq = len(self.items)
+        items: list[Item] = []
+        key_errors: dict[int, str] = {}
+        for offset, data in enumerate(fetched):
+            if not isinstance(data, dict):
+                data = {"value": data}
+            item = Item(seq=first_seq + offset, data=data, steps={bound.id: data})
+            if bound.spec.key is not None:
+                try:
+                    item.key = templates.render_text(bound.spec.key, ctx.template_context(item))
+                except StepError as exc:
+                    key_errors[item.seq] = f"key: {exc.message}"
+            items.append(item)
+        self.items.extend(items)
+        self.counts["fetched"] += len(items)
+        self.history.add_items(
+            ctx.run_id,
+            self.workflow.name,
+            [ItemRow(i.seq, i.key, bound.id, ctx.redactor.data(i.data)) for i in items],
+        )
+        only_new = bound.spec.only_new if bound.spec.only_new is not None else bound.spec.key is not None
+        delivered = (
+            self.history.delivered_keys(self.workflow.name, [i.key for i in items if i.key is not None])
+            if only_new
+            else {}
+        )
+        seen: dict[str, int] = {i.key: i.seq for i in self.active if i.key is not None}
+        admitted: list[Item] = []
+        for item in items:
+            if item.seq in key_errors:
+                self._end_item(item, "failed", bound.id, key_errors[item.seq])
+            elif item.key is not None and item.key in delivered:
+                self._end_item(
+                    item, "skipped", bound.id, f"already delivered (key {item.key!r}, run {delivered[item.key]})"
+                )
+            elif only_new and item.key is not None and item.key in seen:
+                self._end_item(item, "skipped", bound.id, f"duplicate key {item.key!r} (same as item {seen[item.key]})")
+            else:
+                if item.key is not None:
+                    seen[item.key] = item.seq
+                admitted.append(item)
+        self.active.extend(admitted)
+        return admitted
+
+    # -- transform, validate, deliver -------------------------------------------------
+
+    async def _item_step(self, bound: BoundStep) -> None:
+        step = self._make_step(bound)
+        caller = self._caller(bound)
+        items = self.active
+        attempt_id, started = self._step_started(bound, len(items))
+        survivors: list[Item] = []
+        try:
+            if bound.phase is Phase.DELIVER and type(step).deliver_batch is not None:
+                survivors = await self._deliver_batch(bound, step, caller, items)
+            else:
+                survivors = await self._each_item(bound, step, caller, items)
+        finally:
+            await step.close()
+        self.active = survivors
+        failed_here = len(items) - len(survivors)
+        summary = step.summary()
+        if summary:
+            self.summaries.append((bound.id, summary))
+        self._step_finished(
+            bound,
+            attempt_id,
+            started,
+            status="succeeded",
+            error=None,
+            items_in=len(items),
+            items_out=len(survivors),
+            retries=caller.retries,
+            summary=summary,
+        )
+        if failed_here and self.workflow.spec.on_item_error == "stop" and self.counts["failed"]:
+            assert self._first_failure is not None
+            raise _StopRun(f"an item failed and on_item_error is stop: {self._first_failure[1]}", bound.id)
+
+    async def _each_item(self, bound: BoundStep, step: Step[Any], caller: Caller, items: list[Item]) -> list[Item]:
+        method = getattr(step, PHASE_METHOD[bound.phase])
+        kept: list[Item | None] = [None] * len(items)
+        done = 0
+        total = len(items)
+
+        async def one(index: int, item: Item) -> None:
+            nonlocal done
+            try:
+                result = await caller.call(method, item)
+            except SkipItem as signal:
+                self._end_item(item, "skipped", bound.id, signal.reason)
+            except QuarantineItem as signal:
+                self._end_item(item, "quarantined", bound.id, signal.reason, item.data)
+            except Exception as exc:  # noqa: BLE001 - the item fails, recorded; the run goes on
+                error = self._timeout_text(exc, caller) or describe_error(exc)
+                self._end_item(item, "failed", bound.id, error, item.data)
+            else:
+                if bound.phase is Phase.TRANSFORM:
+                    if result is None:
+                        self._end_item(item, "skipped", bound.id, f"filtered out by {bound.id}")
+                        return
+                    item.data = result if isinstance(result, dict) else {"value": result}
+                item.steps = {**item.steps, bound.id: item.data}
+                kept[index] = item
+            finally:
+                done += 1
+                if self.progress is not None and (done % 100 == 0 or done == total):
+                    self.progress(bound.id, done, total)
+
+        concurrency = bound.spec.concurrency or bound.type.default_concurrency
+        runs_inline = not (bound.type.blocking or _is_async(method))
+        if runs_inline or concurrency <= 1:
+            for index, item in enumerate(items):
+                await one(index, item)
+        else:
+            limit = asyncio.Semaphore(concurrency)
+
+            async def limited(index: int, item: Item) -> None:
+                async with limit:
+                    await one(index, item)
+
+            await asyncio.gather(*(limited(i, item) for i, item in enumerate(items)))
+        return [item for item in kept if item is not None]
+
+    async def _deliver_batch(self, bound: BoundStep, step: Step[Any], caller: Caller, items: list[Item]) -> list[Item]:
+        if not items:
+            return []
+        try:
+            await caller.call(step.deliver_batch, items)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - all the batch's items fail, recorded
+            error = self._timeout_text(exc, caller) or describe_error(exc)
+            for item in items:
+                self._end_item(item, "failed", bound.id, error, item.data)
+            return []
+        for item in items:
+            item.steps = {**item.steps, bound.id: item.data}
+        if self.progress is not None:
+            self.progress(bound.id, len(items), len(items))
+        return list(items)
+
+    @staticmethod
+    def _timeout_text(exc: BaseException, caller: Caller) -> str | None:
+        if isinstance(exc, TimeoutError) and caller.timeout is not None:
+            return f"timed out after {caller.timeout.total_seconds():g}s"
+        return None
+
+    # -- failure notifications --------------------------------------------------------
+
+    async def _on_failure(self, status: str, error: str | None, error_step: str | None) -> None:
+        assert self.context is not None
+        ctx = self.context
+        ctx.set_run_vars(status=status, error=error, error_step=error_step, counts=dict(self.counts))
+        notice = Item(
+            seq=-1,
+            data={
+                "workflow": self.workflow.name,
+                "run_id": ctx.run_id,
+                "status": status,
+                "error": error,
+                "error_step": error_step,
+                "counts": dict(self.counts),
+            },
+        )
+        for bound in self.workflow.on_failure:
+            step = self._make_step(bound)
+            caller = self._caller(bound)
+            attempt_id, started = self._step_started(bound, 1)
+            try:
+                if type(step).deliver_batch is not None:
+                    await caller.call(step.deliver_batch, [notice])  # type: ignore[attr-defined]
+                else:
+                    await caller.call(step.deliver, notice)  # type: ignore[attr-defined]
+                outcome, problem = "succeeded", None
+            except Exception as exc:  # noqa: BLE001 - a failed notification is recorded, not raised
+                outcome, problem = "failed", describe_error(exc)
+            finally:
+                await step.close()
+            self._step_finished(
+                bound,
+                attempt_id,
+                started,
+                status=outcome,
+                error=problem,
+                items_in=1,
+                items_out=1 if outcome == "succeeded" else 0,
+                retries=caller.retries,
+                summary=None,
+            )
+
+
+def _is_async(method: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(method)
+
+
+async def run_workflow(
+    workflow: Workflow,
+    history: History,
+    plugins: Plugins,
+    *,
+    params: dict[str, Any] | None = None,
+    trigger: str = "cli",
+    scheduled_for: datetime | None = None,
+    progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Run a loaded workflow once and record everything in the history."""
+    run = Run(
+        workflow, history, plugins, params=params, trigger=trigger, scheduled_for=scheduled_for, progress=progress
+    )
+    return await run.execute()

@@ -1,0 +1,140 @@
+"""The run history's tables, as SQLAlchemy 2 typed models.
+
+Changing a model means adding an Alembic migration under ``alembic/versions`` (the
+test suite fails when the models and the migrations disagree).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, Numeric, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the history; use UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        # SQLite keeps no offset; storing naive UTC keeps comparisons in SQL correct
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workflow: Mapped[str] = mapped_column(String(200), index=True)
+    workflow_version: Mapped[str] = mapped_column(String(64))
+    workflow_path: Mapped[str | None] = mapped_column(Text)
+    trigger: Mapped[str] = mapped_column(String(20))  # cli | schedule | catch_up | manual | resume
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    scheduled_for: Mapped[datetime | None]
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    owner: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    error_step: Mapped[str | None] = mapped_column(String(200))
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    fetched: Mapped[int] = mapped_column(default=0)
+    delivered: Mapped[int] = mapped_column(default=0)
+    skipped: Mapped[int] = mapped_column(default=0)
+    quarantined: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+
+    steps: Mapped[list[StepAttempt]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", order_by="StepAttempt.id"
+    )
+
+
+class StepAttempt(Base):
+    """One attempt of one step in a run (item steps: one row, retries counted per item)."""
+
+    __tablename__ = "step_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step_id: Mapped[str] = mapped_column(String(200))
+    step_type: Mapped[str] = mapped_column(String(200))
+    phase: Mapped[str] = mapped_column(String(20))
+    attempt: Mapped[int] = mapped_column(default=1)
+    status: Mapped[str] = mapped_column(String(20))  # running | succeeded | failed
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    items_in: Mapped[int] = mapped_column(default=0)
+    items_out: Mapped[int] = mapped_column(default=0)
+    retries: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[str | None] = mapped_column(Text)
+
+    run: Mapped[Run] = relationship(back_populates="steps")
+
+
+class LedgerItem(Base):
+    """The item ledger: every item a fetch produced, and the one outcome it ended in."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "seq", name="uq_items_run_seq"),
+        Index("ix_items_workflow_key_outcome", "workflow", "key", "outcome"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    workflow: Mapped[str] = mapped_column(String(200))
+    seq: Mapped[int]
+    key: Mapped[str | None] = mapped_column(String(500))
+    fetched_by: Mapped[str] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(20))  # pending | delivered | skipped | quarantined | failed
+    step_id: Mapped[str | None] = mapped_column(String(200))  # where the item's path ended
+    reason: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[Any] = mapped_column(JSON)  # the item as fetched
+    result: Mapped[Any | None] = mapped_column(JSON)  # the item as it ended (delivered or quarantined)
+    updated_at: Mapped[datetime | None]
+
+
+class ModelCall(Base):
+    """One call to a language model, with what it cost."""
+
+    __tablename__ = "model_calls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    workflow: Mapped[str] = mapped_column(String(200), index=True)
+    step_id: Mapped[str] = mapped_column(String(200))
+    item_seq: Mapped[int | None]
+    attempt: Mapped[int] = mapped_column(default=1)
+    model: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(20), default="sync")  # sync | batch | cache
+    status: Mapped[str] = mapped_column(String(20))  # ok | error | cached
+    input_tokens: Mapped[int] = mapped_column(default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(default=0)
+    output_tokens: Mapped[int] = mapped_column(default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 9), default=Decimal(0))
+    latency_ms: Mapped[int | None]
+    request_id: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    prompt: Mapped[Any | None] = mapped_column(JSON)
+    response: Mapped[Any | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(index=True)

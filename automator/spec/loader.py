@@ -1,0 +1,325 @@
+"""Loading a workflow file: YAML → checked models → a Workflow ready to run.
+
+Every problem in a file is collected and reported at once, each at its line and
+column, so that ``automator validate`` in CI tells the whole story in one go.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from automator import templates
+from automator.errors import Problem, WorkflowFileError
+from automator.plugins.steps import Phase, StepConfig, StepType
+from automator.spec.models import StepSpec, WorkflowSpec
+from automator.spec.yamlpos import Located, YamlSyntaxError, load_located
+from automator.spec.yamlpos import Path as YamlPath
+
+if typing.TYPE_CHECKING:
+    from automator.plugins.manager import Plugins
+
+WORKFLOW_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class BoundStep:
+    """A step of a loaded workflow: its spec, its step type and its checked config."""
+
+    spec: StepSpec
+    type: StepType
+    config: StepConfig
+    plugin: str
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def phase(self) -> Phase:
+        return self.type.phase
+
+
+@dataclass
+class Workflow:
+    """A workflow file that passed every check."""
+
+    name: str
+    path: Path
+    text: str
+    spec: WorkflowSpec
+    steps: list[BoundStep]
+    on_failure: list[BoundStep] = field(default_factory=list)
+
+    @property
+    def version(self) -> str:
+        """A hash of the file's content; each run records the version it ran."""
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+class _Checker:
+    def __init__(self, filename: str, located: Located) -> None:
+        self.filename = filename
+        self.located = located
+        self.problems: list[Problem] = []
+
+    def at_value(self, path: YamlPath, message: str, line_offset: int = 0) -> None:
+        pos = self.located.value_at(path)
+        self.problems.append(Problem(self.filename, pos.line + line_offset, pos.column, message))
+
+    def at_key(self, path: YamlPath, message: str) -> None:
+        pos = self.located.key_at(path)
+        self.problems.append(Problem(self.filename, pos.line, pos.column, message))
+
+    def pydantic_errors(self, error: ValidationError, model: type[BaseModel], prefix: YamlPath = ()) -> None:
+        for item in error.errors(include_url=False):
+            loc = tuple(item["loc"])
+            path = _resolve(self.located.data, prefix, loc)
+            kind = item["type"]
+            message = str(item["msg"]).removeprefix("Value error, ")
+            model_path = path[len(prefix) :]
+            if kind == "extra_forbidden":
+                key = str(path[-1])
+                allowed = _allowed_keys(model, model_path[:-1])
+                suggestion = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
+                known = f" (allowed here: {', '.join(sorted(allowed))})" if allowed and not hint else ""
+                self.at_key(path, f"unknown key {key!r}{hint}{known}")
+            elif kind == "missing":
+                missing = str(loc[-1])
+                parent = path if path and path[-1] != loc[-1] else path[:-1]
+                self.at_value(parent, f"missing required key {missing!r}")
+            else:
+                where = ".".join(str(p) for p in path[len(prefix) :]) or "value"
+                self.at_value(path, f"{where}: {message}")
+
+
+def _resolve(data: Any, prefix: YamlPath, loc: tuple[Any, ...]) -> YamlPath:
+    """Map a pydantic error location onto the YAML path, dropping union tags."""
+    path: list[str | int] = list(prefix)
+    current = data
+    for part in prefix:
+        current = current[part] if isinstance(current, dict | list) else None
+    for i, part in enumerate(loc):
+        if (isinstance(current, dict) and part in current) or (
+            isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        ):
+            path.append(part)
+            current = current[part]
+        elif i == len(loc) - 1 and isinstance(part, str) and isinstance(current, dict):
+            path.append(part)  # a missing or unknown key: keep it for the message
+    return tuple(path)
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (list, tuple, set, dict):
+        args = typing.get_args(annotation)
+        return _unwrap(args[-1]) if args else []
+    return [annotation]
+
+
+def _allowed_keys(model: type[BaseModel], path: YamlPath) -> list[str]:
+    """The keys a mapping at ``path`` (relative to ``model``) may have."""
+    candidates: list[Any] = [model]
+    for part in path:
+        if isinstance(part, int):
+            continue
+        following: list[Any] = []
+        for cand in candidates:
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                for name, info in cand.model_fields.items():
+                    if part in (name, info.alias):
+                        following.extend(_unwrap(info.annotation))
+        candidates = following
+    keys: list[str] = []
+    for cand in candidates:
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            keys.extend(info.alias or name for name, info in cand.model_fields.items())
+    return keys
+
+
+def load_workflow(path: Path | str, plugins: Plugins) -> Workflow:
+    """Read and check a workflow file; raises WorkflowFileError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise WorkflowFileError([Problem(str(path), 1, 1, f"cannot read the file: {reason}")]) from None
+    return load_workflow_text(text, path, plugins)
+
+
+def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
+    filename = str(path)
+    try:
+        located = load_located(text)
+    except YamlSyntaxError as exc:
+        pos = exc.position
+        raise WorkflowFileError([Problem(filename, pos.line, pos.column, str(exc))]) from None
+    check = _Checker(filename, located)
+    data = located.data
+    if data is None:
+        check.at_value((), "the file is empty: a workflow needs at least `steps:` (see `automator schema`)")
+        raise WorkflowFileError(check.problems)
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
+        check.at_value((), f"a workflow file must be a mapping of keys (name, steps, ...), not {kind}")
+        raise WorkflowFileError(check.problems)
+    for dup_path, pos in located.duplicate_keys:
+        check.problems.append(
+            Problem(filename, pos.line, pos.column, f"duplicate key {dup_path[-1]!r}: the later one would win")
+        )
+
+    spec: WorkflowSpec | None = None
+    try:
+        spec = WorkflowSpec.model_validate(data)
+    except ValidationError as exc:
+        check.pydantic_errors(exc, WorkflowSpec)
+
+    steps = _bind_steps(check, data, "steps", plugins)
+    on_failure = _bind_steps(check, data, "on_failure", plugins)
+    _check_structure(check, data, steps, on_failure)
+    _check_templates(check, data)
+
+    if check.problems or spec is None:
+        raise WorkflowFileError(check.problems)
+    workflow = Workflow(
+        name=spec.name or path.stem,
+        path=path,
+        text=text,
+        spec=spec,
+        steps=[s for s in steps if s is not None],
+        on_failure=[s for s in on_failure if s is not None],
+    )
+    for message in plugins.workflow_loaded(workflow):
+        check.at_value((), message)
+    if check.problems:
+        raise WorkflowFileError(check.problems)
+    return workflow
+
+
+def _bind_steps(check: _Checker, data: dict[str, Any], section: str, plugins: Plugins) -> list[BoundStep | None]:
+    raw_steps = data.get(section)
+    if not isinstance(raw_steps, list):
+        return []
+    bound: list[BoundStep | None] = []
+    for i, raw in enumerate(raw_steps):
+        bound.append(None)
+        if not isinstance(raw, dict) or not isinstance(raw.get("uses"), str):
+            continue
+        uses = raw["uses"]
+        step_type = plugins.step_type(uses)
+        if step_type is None:
+            installed = sorted(plugins.step_types)
+            close = difflib.get_close_matches(uses, installed, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            check.at_value(
+                (section, i, "uses"),
+                f"unknown step type {uses!r}; {hint}installed: {', '.join(installed) or 'none'} "
+                "(see `automator plugins`)",
+            )
+            continue
+        config_data = raw.get("with", {})
+        if config_data is None:
+            config_data = {}
+        if not isinstance(config_data, dict):
+            check.at_value((section, i, "with"), "with: must be a mapping of the step's settings")
+            continue
+        try:
+            config = step_type.Config.model_validate(config_data)
+        except ValidationError as exc:
+            check.pydantic_errors(exc, step_type.Config, (section, i, "with"))
+            continue
+        try:
+            spec = StepSpec.model_validate(raw)
+        except ValidationError:
+            continue  # already reported by the whole-file check
+        bound[i] = BoundStep(spec=spec, type=step_type, config=config, plugin=plugins.step_plugin[uses])
+    return bound
+
+
+def _check_structure(
+    check: _Checker, data: dict[str, Any], steps: list[BoundStep | None], on_failure: list[BoundStep | None]
+) -> None:
+    seen: dict[str, int] = {}
+    for section in ("steps", "on_failure"):
+        raw_steps = data.get(section)
+        if not isinstance(raw_steps, list):
+            continue
+        for i, raw in enumerate(raw_steps):
+            if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+                step_id = raw["id"]
+                if step_id in seen:
+                    check.at_value((section, i, "id"), f"duplicate step id {step_id!r}: step ids must be unique")
+                seen[step_id] = i
+    after_fetch = False
+    for i, step in enumerate(steps):
+        if step is None:
+            continue
+        if step.phase is Phase.FETCH:
+            if after_fetch:
+                check.at_value(("steps", i, "uses"), "fetch steps must come before all other steps")
+        else:
+            after_fetch = True
+            if i == 0:
+                check.at_value(("steps", 0, "uses"), "the first step must be a fetch step (it produces the items)")
+            for field_name in ("key", "only_new"):
+                if getattr(step.spec, field_name) is not None:
+                    check.at_key(("steps", i, field_name), f"{field_name}: is only allowed on fetch steps")
+    for i, step in enumerate(on_failure):
+        if step is not None and step.phase is not Phase.DELIVER:
+            check.at_value(
+                ("on_failure", i, "uses"),
+                f"on_failure steps must be deliver steps; {step.type.name!r} is a {step.phase} step",
+            )
+
+
+def _check_templates(check: _Checker, data: dict[str, Any]) -> None:
+    declared_params = set(data.get("params") or {}) if isinstance(data.get("params"), dict) else set()
+    known_names = templates.CONTEXT_NAMES | set(templates.ENVIRONMENT.globals)
+    for section in ("steps", "on_failure"):
+        raw_steps = data.get(section)
+        if not isinstance(raw_steps, list):
+            continue
+        earlier: list[str] = []
+        all_ids = [s.get("id") for s in raw_steps if isinstance(s, dict)]
+        for i, raw in enumerate(raw_steps):
+            if not isinstance(raw, dict):
+                continue
+            strings = templates.iter_strings(raw.get("with"), (section, i, "with"))
+            if isinstance(raw.get("key"), str):
+                strings.append(((section, i, "key"), raw["key"]))
+            for path, text in strings:
+                if not templates.is_template(text):
+                    continue
+                try:
+                    names, lookups = templates.references(text)
+                except templates.TemplateSyntaxProblemError as exc:
+                    offset = exc.line if path in check.located.block_scalars else exc.line - 1
+                    check.at_value(path, str(exc), line_offset=offset)
+                    continue
+                for name in sorted(names - known_names):
+                    check.at_value(
+                        path,
+                        f"unknown name {name!r} in template; use one of {', '.join(sorted(templates.CONTEXT_NAMES))}",
+                    )
+                for kind, name in sorted(lookups):
+                    if kind == "params" and name not in declared_params:
+                        check.at_value(path, f"params.{name} is not declared; add it under `params:` with a default")
+                    elif kind == "steps" and section == "steps" and name not in earlier:
+                        where = "a later step" if name in all_ids else "no step"
+                        check.at_value(path, f"steps.{name} refers to {where}; a template can read earlier steps only")
+            if isinstance(raw.get("id"), str):
+                earlier.append(raw["id"])

@@ -1,0 +1,127 @@
+"""The workflow file format, as pydantic models (see docs/workflows.md).
+
+These models check everything that does not depend on installed plugins; each step's
+``with:`` block is checked afterwards against its step type's own config model.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from automator.spec.cron import check_cron
+from automator.spec.durations import Duration
+
+STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RetryPolicy(SpecModel):
+    """How often a step is tried, and how long to wait between tries."""
+
+    attempts: int = Field(3, ge=1, le=100, description="Tries in all, the first included.")
+    backoff: Duration = Field("1s", description="Wait before the second try; doubles after each.")
+    max_backoff: Duration = Field("1m", description="The longest wait between two tries.")
+
+
+class Schedule(SpecModel):
+    """When the daemon runs the workflow: exactly one of cron, every, at."""
+
+    cron: str | None = Field(None, description="Standard 5-field cron: minute hour day-of-month month day-of-week.")
+    every: Duration | None = Field(None, description="An interval, such as 15m.")
+    at: datetime | None = Field(None, description="Once, at this local date and time.")
+    timezone: str = Field("UTC", description="IANA time zone, such as Europe/Berlin.")
+    catch_up: Literal["none", "latest", "all"] = Field(
+        "latest", description="What to do with fires missed while the daemon was down."
+    )
+    jitter: Duration | None = Field(None, description="Delay each fire by up to this much.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        if value is not None and value.total_seconds() < 1:
+            raise ValueError("an interval must be at least 1s")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Schedule:
+        given = [name for name in ("cron", "every", "at") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a schedule needs exactly one of cron, every or at" + (f" (found {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class StepDefaults(SpecModel):
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: Duration | None = Field(None, description="Per step attempt (per item for item steps).")
+
+
+class StepSpec(SpecModel):
+    """One step of a workflow: a step type (``uses``) and its config (``with``)."""
+
+    id: str = Field(pattern=STEP_ID_PATTERN, description="Unique within the workflow.")
+    uses: str = Field(description="The step type, such as http.fetch; see `automator plugins`.")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="The step's config.")
+    description: str | None = None
+    key: str | None = Field(None, description="Fetch steps: a template giving each item's identity, for dedupe.")
+    only_new: bool | None = Field(
+        None,
+        description="Fetch steps: skip items whose key an earlier run delivered (default: on when key is set).",
+    )
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+    concurrency: int | None = Field(None, ge=1, le=1000, description="Items processed at once.")
+
+
+class WorkflowSpec(SpecModel):
+    """A workflow file."""
+
+    name: str | None = Field(None, pattern=WORKFLOW_NAME_PATTERN, description="Unique; defaults to the file's stem.")
+    description: str | None = None
+    schedule: Schedule | None = None
+    max_active_runs: int = Field(1, ge=1, le=100)
+    on_overlap: Literal["queue", "skip"] = "queue"
+    on_crash: Literal["resume", "fail"] = "resume"
+    timeout: Duration | None = Field(None, description="For the whole run.")
+    on_item_error: Literal["continue", "stop"] = Field(
+        "continue",
+        description="continue: a failed item is recorded and the others go on; stop: the run stops.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters with their defaults; override with --param."
+    )
+    defaults: StepDefaults = Field(default_factory=StepDefaults)
+    steps: list[StepSpec] = Field(min_length=1)
+    on_failure: list[StepSpec] = Field(default_factory=list, description="Deliver steps run when a run fails.")
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"invalid parameter name {name!r}: use letters, digits and _")
+        return value

@@ -1,0 +1,1 @@
+"""The standard step types of automator, each an ordinary pluggy plugin."""

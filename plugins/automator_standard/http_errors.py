@@ -1,0 +1,46 @@
+"""HTTP failures as step errors: which are worth retrying, and what to tell the user."""
+
+from __future__ import annotations
+
+import httpx
+
+from automator import StepError
+
+RETRYABLE_STATUS = {408, 409, 425, 429}
+
+
+class HttpStatusError(StepError):
+    def __init__(self, message: str, *, status: int, retry_after: float | None) -> None:
+        super().__init__(message, retryable=status >= 500 or status in RETRYABLE_STATUS)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
+
+
+def raise_for_status(response: httpx.Response, method: str, url: str) -> None:
+    if response.status_code < 400:
+        return
+    body = response.text[:200].replace("\n", " ").strip()
+    detail = f": {body}" if body else ""
+    raise HttpStatusError(
+        f"{method} {url} answered {response.status_code} {response.reason_phrase}{detail}",
+        status=response.status_code,
+        retry_after=_retry_after(response),
+    )
+
+
+def transport_error(exc: httpx.HTTPError, method: str, url: str, timeout: float) -> StepError:
+    if isinstance(exc, httpx.TimeoutException):
+        return StepError(f"{method} {url} timed out after {timeout:g}s")
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return StepError(f"{method} {url}: {exc}", retryable=False)
+    return StepError(f"{method} {url} failed: {type(exc).__name__}: {exc}")
