@@ -11,10 +11,10 @@ from sqlalchemy import Engine
 
 from alembic import context
 from automator.history.db import database_url, open_engine
-from automator.history.models import Base
+from automator.history.tables import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def run_migrations_online() -> None:

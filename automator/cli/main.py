@@ -1,0 +1,303 @@
+"""The ``automator`` command line: errors are rendered here, once, never as tracebacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from automator.cli import render
+from automator.cli.common import Settings, default_plugins_dir, echo_json, is_terminal, settings, stderr, stdout
+from automator.errors import AutomatorError, ConfigError, Problem, WorkflowFileError
+from automator.history import db
+from automator.spec.loader import WORKFLOW_SUFFIXES, load_workflow
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+WORKFLOWS_OPTION = click.option(
+    "--workflows", type=click.Path(file_okay=False, path_type=Path), help="Use the plugins/ beside this folder."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--database-url",
+    envvar=db.ENV_URL,
+    show_envvar=True,
+    help="The run history database (any SQLAlchemy URL). Default: an embedded SQLite file.",
+)
+@click.option(
+    "--plugins-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Load plugins (.py files) from here. Default: plugins/ beside the workflow files' folder.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
+@click.version_option(package_name="automator")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, plugins_dir: Path | None, verbose: bool) -> None:
+    """Declarative LLM workflow automation: workflow files in, runs and their history out."""
+    ctx.obj = Settings(database_url=database_url, plugins_dir=plugins_dir)
+    ctx.call_on_close(ctx.obj.close)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--param {value!r}: write it as NAME=VALUE")
+        try:
+            params[name] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            params[name] = text
+    return params
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        stderr.print(str(problem), markup=False)
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a workflow parameter.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool) -> None:
+    """Run a workflow once, now. Exit 0 succeeded, 1 failed, 2 invalid file."""
+    from automator.engine.runner import run_workflow
+
+    opts = settings(ctx)
+    plugins = opts.plugins(file.parent)
+    try:
+        workflow = load_workflow(file, plugins)
+    except WorkflowFileError as exc:
+        _print_problems(exc.problems)
+        stderr.print(f"{file}: invalid, not run ({len(exc.problems)} problem(s)).", markup=False)
+        ctx.exit(EXIT_INVALID)
+    history = opts.history()
+    with render.Progress(enabled=is_terminal() and not as_json) as progress:
+        result = asyncio.run(
+            run_workflow(workflow, history, plugins, params=_parse_params(params), trigger="cli", progress=progress)
+        )
+    if as_json:
+        echo_json(render.result_json(result))
+    else:
+        render.print_result(result)
+    ctx.exit(EXIT_OK if result.succeeded else EXIT_FAILED)
+
+
+# --- validate ----------------------------------------------------------------------------
+
+
+def workflow_files(paths: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in WORKFLOW_SUFFIXES and p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print problems as a JSON list of {file, line, column, message}.")
+@click.pass_context
+def validate(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check workflow files (or folders of them) offline. Exit 0 if all are valid, 1 otherwise."""
+    opts = settings(ctx)
+    problems: list[Problem] = []
+    files = workflow_files(paths)
+    for path in paths:
+        if not path.exists():
+            problems.append(Problem(str(path), 1, 1, "no such file or folder"))
+    names: dict[str, Path] = {}
+    for file in files:
+        try:
+            workflow = load_workflow(file, opts.plugins(file.parent))
+        except WorkflowFileError as exc:
+            problems.extend(exc.problems)
+            continue
+        if workflow.name in names:
+            problems.append(
+                Problem(str(file), 1, 1, f"workflow name {workflow.name!r} is already used by {names[workflow.name]}")
+            )
+        names[workflow.name] = file
+    failures = [f for p in {*(opts.plugins(f.parent) for f in files)} for f in p.failures]
+    if as_json:
+        echo_json([p.as_json() for p in sorted(problems)])
+    else:
+        _print_problems(sorted(problems))
+        for failure in failures:
+            stderr.print(f"warning: plugin {failure.name} was skipped: {failure.error}", markup=False)
+        bad = len({p.file for p in problems})
+        if problems:
+            stderr.print(f"{bad} of {len(files)} file(s) invalid, {len(problems)} problem(s).", markup=False)
+        else:
+            stdout.print(f"{len(files)} workflow file(s) valid.", markup=False)
+    ctx.exit(EXIT_FAILED if problems else EXIT_OK)
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--workflow", help="Only runs of this workflow.")
+@click.option("--status", help="Only runs with this status (succeeded, failed, timed_out, ...).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_context
+def runs(ctx: click.Context, workflow: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """List recent runs, newest first (see also: automator runs show ID)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    found = settings(ctx).history().list_runs(workflow=workflow, status=status, limit=limit)
+    if as_json:
+        echo_json([render.run_json(r) for r in found])
+    else:
+        render.print_runs(found)
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@click.option("--items", "show_items", is_flag=True, help="List every item of the ledger, not only the problems.")
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: int, as_json: bool, show_items: bool) -> None:
+    """Show one run: its steps, attempts, errors, and quarantined and failed items."""
+    history = settings(ctx).history()
+    found = history.get_run(run_id)
+    if found is None:
+        raise ConfigError(f"no run with id {run_id}", hint="see `automator runs` for the ids")
+    outcomes = None if show_items or as_json else ["quarantined", "failed"]
+    items = history.items(run_id, outcomes)
+    usage = history.model_usage(run_id)
+    if as_json:
+        echo_json(render.run_detail_json(found, items, usage))
+    else:
+        render.print_run_detail(found, items, usage, all_items=show_items)
+
+
+# --- plugins, schema, db -----------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, version, source, hooks, steps}.")
+@WORKFLOWS_OPTION
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool, workflows: Path | None) -> None:
+    """List the installed plugins, their step types, and plugins that failed to load."""
+    loaded = settings(ctx).plugins(workflows or Path("workflows"))
+    infos = list(loaded.infos.values())
+    if as_json:
+        echo_json([info.as_json() for info in infos])
+    else:
+        render.print_plugins(infos)
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
+@WORKFLOWS_OPTION
+@click.pass_context
+def schema(ctx: click.Context, output: Path | None, workflows: Path | None) -> None:
+    """Print the JSON Schema of workflow files, with every installed step type's settings."""
+    import json
+
+    from automator.spec.schema import workflow_json_schema
+
+    text = json.dumps(workflow_json_schema(settings(ctx).plugins(workflows or Path("workflows"))), indent=2) + "\n"
+    if output:
+        output.write_text(text, encoding="utf-8")
+        stderr.print(f"wrote {output}", markup=False)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Manage the run history database."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target migration.")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Create or migrate the history database's tables."""
+    opts = settings(ctx)
+    engine = db.open_engine(db.database_url(opts.database_url))
+    try:
+        before = db.current_revision(engine)
+        db.upgrade(engine, revision)
+        after = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        stdout.print(f"history database is up to date (revision {after})", markup=False)
+    else:
+        stdout.print(f"history database upgraded: {before or 'empty'} -> {after}", markup=False)
+
+
+@db_group.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the history database's schema revision and the newest one."""
+    engine = db.open_engine(db.database_url(settings(ctx).database_url))
+    try:
+        stdout.print(f"current: {db.current_revision(engine) or 'none'}  newest: {db.head_revision()}", markup=False)
+    finally:
+        engine.dispose()
+
+
+# --- commands from other modules ---
+
+
+def _add_plugin_commands() -> None:
+    """Commands from plugins (the register_commands hook), if loading plugins works at all."""
+    from automator.plugins.manager import load_plugins
+
+    plugins_dir = default_plugins_dir(Path("workflows"))
+    load_plugins(plugins_dir if plugins_dir.is_dir() else None).register_commands(cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: run the CLI and render AutomatorError once, without a traceback."""
+    try:
+        _add_plugin_commands()
+        cli.main(args=argv, prog_name="automator", standalone_mode=False)
+    except WorkflowFileError as exc:
+        _print_problems(exc.problems)
+        return EXIT_INVALID
+    except AutomatorError as exc:
+        stderr.print(f"error: {exc.message}", markup=False)
+        if exc.hint:
+            stderr.print(f"hint: {exc.hint}", markup=False)
+        return EXIT_FAILED
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        stderr.print("aborted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        stderr.print("interrupted", markup=False)
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
