@@ -211,14 +211,21 @@ def plugins(ctx: click.Context, as_json: bool, workflows: Path | None) -> None:
 @cli.command()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
 @WORKFLOWS_OPTION
+@click.option("--builtin-only", is_flag=True, help="Only the standard step types, whatever else is installed.")
 @click.pass_context
-def schema(ctx: click.Context, output: Path | None, workflows: Path | None) -> None:
+def schema(ctx: click.Context, output: Path | None, workflows: Path | None, builtin_only: bool) -> None:
     """Print the JSON Schema of workflow files, with every installed step type's settings."""
     import json
 
+    from automator.plugins.manager import Plugins
     from automator.spec.schema import workflow_json_schema
 
-    text = json.dumps(workflow_json_schema(settings(ctx).plugins(workflows or Path("workflows"))), indent=2) + "\n"
+    if builtin_only:
+        loaded = Plugins()
+        loaded.load_builtins()
+    else:
+        loaded = settings(ctx).plugins(workflows or Path("workflows"))
+    text = json.dumps(workflow_json_schema(loaded), indent=2) + "\n"
     if output:
         output.write_text(text, encoding="utf-8")
         stderr.print(f"wrote {output}", markup=False)
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     """The console script: run the CLI and render AutomatorError once, without a traceback."""
     try:
         _add_plugin_commands()
-        cli.main(args=argv, prog_name="automator", standalone_mode=False)
+        # without standalone mode click returns ctx.exit()'s code instead of exiting
+        code = cli.main(args=argv, prog_name="automator", standalone_mode=False)
     except WorkflowFileError as exc:
         _print_problems(exc.problems)
         return EXIT_INVALID
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         stderr.print("interrupted", markup=False)
         return 130
-    return EXIT_OK
+    return code if isinstance(code, int) else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -138,11 +138,42 @@ class Run:
             scheduled_for=self.scheduled_for,
             owner=owner_id(),
         )
+        return await self._execute(record.id, record.started_at, self._run_steps)
+
+    async def resume(self, run_id: int) -> RunResult:
+        """Continue a crashed run in its own run id: the item steps again, for its pending items.
+
+        Items that already ended keep their outcome and are not redone; the pending ones
+        restart after the fetch, from the data the fetch produced (as the ledger keeps it).
+        Deliveries carry idempotency keys, so a receiver that got an item before the crash
+        can tell the repeat. The caller has claimed the run (status ``running``, owner).
+        """
+        from automator.errors import HistoryError
+
+        record = self.history.get_run(run_id)
+        if record is None:
+            raise HistoryError(f"no run with id {run_id} to resume")
+        self.trigger = record.trigger
+        self.scheduled_for = record.scheduled_for
+        self.params = dict(record.params or {})
+        for row in self.history.items(run_id):
+            item = Item(seq=row.seq, data=row.data, key=row.key, steps={row.fetched_by: row.data})
+            self.items.append(item)
+            if row.outcome == "pending":
+                self.active.append(item)
+            else:
+                self._ended.add(row.seq)
+                self.counts[row.outcome] += 1
+        self.counts["fetched"] = len(self.items)
+        return await self._execute(record.id, record.started_at, self._run_item_steps)
+
+    async def _execute(self, run_id: int, started_at: datetime, body: Callable[[], Awaitable[None]]) -> RunResult:
+        wf = self.workflow
         info = RunInfo(
-            id=record.id,
+            id=run_id,
             workflow=wf.name,
             trigger=self.trigger,
-            started_at=record.started_at,
+            started_at=started_at,
             version=wf.version,
             scheduled_for=self.scheduled_for,
         )
@@ -154,7 +185,7 @@ class Run:
         timeout = wf.spec.timeout.total_seconds() if wf.spec.timeout else None
         try:
             async with asyncio.timeout(timeout):
-                await self._run_steps()
+                await body()
         except _StopRun as stop:
             status, error, error_step = "failed", stop.error, stop.step_id
         except TimeoutError:
@@ -196,6 +227,18 @@ class Run:
             else:
                 await self._item_step(bound)
             self._flush()
+        self._end_active()
+
+    async def _run_item_steps(self) -> None:
+        """The steps after the fetch, for the items already in ``self.active`` (a resumed run)."""
+        for bound in self.workflow.steps:
+            if bound.phase is not Phase.FETCH:
+                await self._item_step(bound)
+                self._flush()
+        self._end_active()
+
+    def _end_active(self) -> None:
+        """Items that passed every step are delivered."""
         for item in self.active:
             reason = (
                 None

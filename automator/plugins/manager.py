@@ -1,8 +1,15 @@
 """Finding, loading and calling plugins: a typed facade over pluggy.
 
 Core code calls ``plugins.run_started(event)`` and friends, never ``pm.hook.x``
-untyped. A plugin that fails to import, register or declare itself is recorded in
-``failures`` and skipped; it never stops the others from loading.
+untyped. One broken plugin never breaks the others:
+
+- a plugin that fails to import, register or declare itself is recorded in
+  ``failures`` (shown by ``automator plugins``) and skipped;
+- a lifecycle listener that raises is logged with its plugin's name and the run goes on;
+- a ``workflow_loaded`` policy that raises becomes a problem of the workflow file.
+
+That is why the facade calls each hook implementation itself (in pluggy's order) for
+the hooks where one plugin's failure must be told apart from another's.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -17,14 +25,14 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from automator import templates
-from automator.errors import PluginError
+from automator.errors import PluginError, StepError
 from automator.plugins import hookspecs
-from automator.plugins.events import ItemOutcome, RunFinished, RunStarted, StepFinished, StepStarted
+from automator.plugins.events import ItemOutcome, Rejection, RunFinished, RunStarted, StepFinished, StepStarted
 from automator.plugins.steps import (
     PHASE_METHOD,
     DeliverStep,
@@ -36,6 +44,12 @@ from automator.plugins.steps import (
     TransformStep,
     ValidateStep,
 )
+
+if TYPE_CHECKING:
+    import click
+
+    from automator.spec.loader import Workflow
+    from automator.spec.yamlpos import Path as YamlPath
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +75,29 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 
 @dataclass
 class PluginInfo:
+    """One plugin as ``automator plugins`` shows it, loaded or failed."""
+
     name: str
-    source: str  # built-in | entry point | directory
+    source: str  # built-in | entry point | directory | test
     version: str | None = None
-    location: str | None = None
+    location: str | None = None  # module file, entry point target, or .py path
     hooks: list[str] = field(default_factory=list)
     steps: list[StepType] = field(default_factory=list)
+    template_filters: list[str] = field(default_factory=list)
+    template_globals: list[str] = field(default_factory=list)
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
+        """The ``automator plugins --json`` shape: {name, version, source, hooks, steps, error?}."""
         data: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "source": self.source,
             "location": self.location,
             "hooks": self.hooks,
-            "steps": [{"name": s.name, "phase": str(s.phase)} for s in self.steps],
+            "steps": [{"name": s.name, "phase": str(s.phase), "description": s.description} for s in self.steps],
+            "template_filters": self.template_filters,
+            "template_globals": self.template_globals,
         }
         if self.error:
             data["error"] = self.error
@@ -106,6 +127,8 @@ class Plugins:
         self.infos: dict[str, PluginInfo] = {}
         self.step_types: dict[str, StepType] = {}
         self.step_plugin: dict[str, str] = {}
+        self.filter_plugin: dict[str, str] = {}
+        self.global_plugin: dict[str, str] = {}
         self._only = _names_from_env("AUTOMATOR_PLUGINS")
         self._disabled = _names_from_env("AUTOMATOR_DISABLE_PLUGINS") or set()
 
@@ -129,48 +152,102 @@ class Plugins:
             self.infos[f"{info.name} ({info.location})"] = info
             return False
         self.infos[info.name] = info
+        if self.pm.is_registered(plugin):
+            info.error = f"the same plugin object is already loaded as {self.pm.get_name(plugin)!r}"
+            return False
         try:
             self.pm.register(plugin, name=info.name)
-        except (pluggy.PluginValidationError, ValueError) as exc:
-            info.error = f"invalid hook implementation: {exc}"
+        except pluggy.PluginValidationError as exc:
+            # pluggy leaves the hooks it verified before the bad one registered: undo them
+            self._forget(info.name)
+            info.error = _describe_validation_error(exc)
             return False
-        unknown = [hc.name for hc in self.pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
-        if unknown:
-            self.pm.unregister(plugin)
+        except ValueError as exc:
+            self._forget(info.name)
+            info.error = f"cannot register: {exc}".splitlines()[0]
+            return False
+        callers = self.pm.get_hookcallers(plugin) or []
+        unknown = sorted(hc.name for hc in callers if not hc.has_spec())
+        wrappers = sorted(
+            hc.name for hc in callers for impl in hc.get_hookimpls() if impl.plugin is plugin and _is_wrapper(impl)
+        )
+        if unknown or wrappers:
+            self._forget(info.name)
             info.error = (
-                f"implements unknown hook(s) {', '.join(sorted(unknown))}; see docs/plugins.md for the hook names"
+                f"implements unknown hook(s) {', '.join(unknown)}; see docs/plugins.md for the hook names"
+                if unknown
+                else f"hook wrappers are not supported ({', '.join(wrappers)}); implement the hook plainly"
             )
             return False
-        info.hooks = sorted(hc.name for hc in self.pm.get_hookcallers(plugin) or [])
-        return self._register_steps(plugin, info)
-
-    def _register_steps(self, plugin: object, info: PluginInfo) -> bool:
-        impls = [i for i in self.pm.hook.register_step_types.get_hookimpls() if i.plugin is plugin]
-        found: list[StepType] = []
+        info.hooks = sorted(hc.name for hc in callers)
         try:
-            for impl in impls:
-                impl.function(register=found.append)
-            for step_type in found:
-                _check_step_type(step_type)
-                if step_type.name in self.step_types:
-                    raise PluginError(
-                        f"step type {step_type.name!r} is already registered by plugin "
-                        f"{self.step_plugin[step_type.name]!r}"
-                    )
+            self._register_things(plugin, info)
         except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
             info.error = _describe(exc)
-            self.pm.unregister(plugin)
+            self._forget(info.name)
             return False
-        for step_type in found:
+        return True
+
+    def _forget(self, name: str) -> None:
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+
+    def _impls_of(self, hook_name: str, plugin: object) -> list[pluggy.HookImpl]:
+        return [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
+
+    def _register_things(self, plugin: object, info: PluginInfo) -> None:
+        """Call the plugin's register_* hooks; all checks pass before anything is kept."""
+        steps: list[StepType] = []
+        filters: dict[str, Callable[..., Any]] = {}
+        globals_: dict[str, Any] = {}
+
+        def add_filter(name: str, function: Callable[..., Any]) -> None:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise PluginError(f"template filter name {name!r} is not an identifier")
+            if not callable(function):
+                raise PluginError(f"template filter {name!r} is not callable")
+            if name in self.filter_plugin or name in filters:
+                owner = self.filter_plugin.get(name, info.name)
+                raise PluginError(f"template filter {name!r} is already registered by plugin {owner!r}")
+            filters[name] = function
+
+        def add_global(name: str, value: Any) -> None:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise PluginError(f"template global name {name!r} is not an identifier")
+            if name in templates.CONTEXT_NAMES:
+                raise PluginError(f"template global {name!r} is reserved for the run's own data")
+            if name in self.global_plugin or name in globals_:
+                owner = self.global_plugin.get(name, info.name)
+                raise PluginError(f"template global {name!r} is already registered by plugin {owner!r}")
+            globals_[name] = value
+
+        for impl in self._impls_of("register_step_types", plugin):
+            self._call(impl, register=steps.append)
+        seen: set[str] = set()
+        for step_type in steps:
+            _check_step_type(step_type)
+            if step_type.name in self.step_types or step_type.name in seen:
+                owner = self.step_plugin.get(step_type.name, info.name)
+                raise PluginError(f"step type {step_type.name!r} is already registered by plugin {owner!r}")
+            seen.add(step_type.name)
+        for impl in self._impls_of("register_template_filters", plugin):
+            self._call(impl, register=add_filter)
+        for impl in self._impls_of("register_template_globals", plugin):
+            self._call(impl, register=add_global)
+
+        for step_type in steps:
             self.step_types[step_type.name] = step_type
             self.step_plugin[step_type.name] = info.name
-        info.steps = found
-        filters: dict[str, Callable[..., Any]] = {}
-        for impl in self.pm.hook.register_template_filters.get_hookimpls():
-            if impl.plugin is plugin:
-                impl.function(register=filters.__setitem__)
-        templates.add_filters(filters)
-        return True
+        self.filter_plugin.update(dict.fromkeys(filters, info.name))
+        self.global_plugin.update(dict.fromkeys(globals_, info.name))
+        info.steps = steps
+        info.template_filters = sorted(filters)
+        info.template_globals = sorted(globals_)
+        # Jinja's environment is shared by every template of the process
+        if filters:
+            templates.add_filters(filters)
+        if globals_:
+            templates.add_globals(globals_)
 
     def load_module(self, module_name: str, source: str, version: str | None) -> None:
         info = PluginInfo(name=module_name, source=source, version=version, location=module_name)
@@ -190,6 +267,7 @@ class Plugins:
             self.load_module(module_name, "built-in", _automator_version())
 
     def load_entry_points(self) -> None:
+        """Plugins of installed distributions: entry points in the group ``automator``."""
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist
             info = PluginInfo(
@@ -209,6 +287,7 @@ class Plugins:
             self.add(plugin, info)
 
     def load_directory(self, directory: Path) -> None:
+        """Plain ``.py`` files in a plugins directory, each one plugin named after its file."""
         if not directory.is_dir():
             return
         for path in sorted(directory.glob("*.py")):
@@ -241,37 +320,99 @@ class Plugins:
 
     # -- typed hook calls -------------------------------------------------------------
 
-    def workflow_loaded(self, workflow: Any) -> list[str]:
-        problems: list[str] = []
-        for result in self.pm.hook.workflow_loaded(workflow=workflow):
-            problems.extend(result or [])
+    def _calls(self, hook_name: str) -> list[pluggy.HookImpl]:
+        # pluggy calls the most recently registered (and tryfirst) implementations first
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+
+    @staticmethod
+    def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+        return impl.function(*(kwargs[name] for name in impl.argnames))
+
+    def workflow_loaded(self, workflow: Workflow) -> list[tuple[YamlPath, str]]:
+        """Every policy's problems with ``workflow``, each with where it is in the file."""
+        problems: list[tuple[YamlPath, str]] = []
+        for impl in self._calls("workflow_loaded"):
+            try:
+                result = self._call(impl, workflow=workflow)
+            except Exception as exc:  # noqa: BLE001 - a failing policy is the file's problem, named
+                problems.append(((), f"plugin {impl.plugin_name} failed while checking the workflow: {_describe(exc)}"))
+                continue
+            for problem in result or []:
+                problems.append(_locate(workflow, problem, impl.plugin_name))
         return problems
 
     def get_secret(self, name: str) -> str | None:
-        result = self.pm.hook.get_secret(name=name)
-        return None if result is None else str(result)
+        """The first secrets plugin's answer for ``name``, or None."""
+        for impl in self._calls("get_secret"):
+            try:
+                value = self._call(impl, name=name)
+            except Exception as exc:  # noqa: BLE001 - reported as a (retryable) step failure, named
+                # the plugin's own message could quote the secret: only its type is shown
+                raise StepError(
+                    f"secrets plugin {impl.plugin_name} failed to provide {name!r} ({type(exc).__name__})"
+                ) from None
+            if value is not None:
+                return str(value)
+        return None
 
-    def register_commands(self, cli: Any) -> None:
-        self.pm.hook.register_commands(cli=cli)
+    def register_commands(self, cli: click.Group) -> None:
+        """Let plugins add commands; a plugin that fails here is recorded, the others still run."""
+        for impl in self._calls("register_commands"):
+            try:
+                self._call(impl, cli=cli)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the CLI
+                message = f"register_commands failed: {_describe(exc)}"
+                info = self.infos.get(impl.plugin_name)
+                if info is not None:
+                    info.error = message
+                log.warning("plugin %s: %s", impl.plugin_name, message)
+
+    def _notify(self, hook_name: str, event: object) -> None:
+        for impl in self._calls(hook_name):
+            try:
+                self._call(impl, event=event)
+            except Exception as exc:  # noqa: BLE001 - an observer never changes a run's outcome
+                log.warning("plugin %s: %s listener failed: %s", impl.plugin_name, hook_name, _describe(exc))
 
     def run_started(self, event: RunStarted) -> None:
-        self.pm.hook.run_started(event=event)
+        self._notify("run_started", event)
 
     def run_finished(self, event: RunFinished) -> None:
-        self.pm.hook.run_finished(event=event)
+        self._notify("run_finished", event)
 
     def step_started(self, event: StepStarted) -> None:
-        self.pm.hook.step_started(event=event)
+        self._notify("step_started", event)
 
     def step_finished(self, event: StepFinished) -> None:
-        self.pm.hook.step_finished(event=event)
+        self._notify("step_finished", event)
 
     @property
     def wants_item_events(self) -> bool:
         return bool(self.pm.hook.item_outcome.get_hookimpls())
 
     def item_outcome(self, event: ItemOutcome) -> None:
-        self.pm.hook.item_outcome(event=event)
+        self._notify("item_outcome", event)
+
+
+def _is_wrapper(impl: pluggy.HookImpl) -> bool:
+    return bool(getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False))
+
+
+def _locate(workflow: Workflow, problem: str | Rejection, plugin_name: str) -> tuple[YamlPath, str]:
+    """Where a policy's problem is in the file: a step's setting, a step, or the top."""
+    if not isinstance(problem, Rejection):
+        return (), f"{problem} (plugin {plugin_name})"
+    message = f"{problem.message} (plugin {plugin_name})"
+    if problem.step is None:
+        return (), message
+    for section, steps in (("steps", workflow.steps), ("on_failure", workflow.on_failure)):
+        for index, step in enumerate(steps):
+            if step.id == problem.step:
+                path: YamlPath = (section, index)
+                if problem.field:
+                    path = (*path, "with", *problem.field.split("."))
+                return path, message
+    return (), f"{message} [step {problem.step!r}]"
 
 
 def _check_step_type(step_type: Any) -> None:
@@ -290,6 +431,20 @@ def _check_step_type(step_type: Any) -> None:
     has_batch = step_type.phase is Phase.DELIVER and getattr(step_type, "deliver_batch", None)
     if getattr(step_type, method) is getattr(base, method) and not has_batch:
         raise PluginError(f"step type {name!r} does not implement {method}()")
+
+
+def _describe_validation_error(exc: pluggy.PluginValidationError) -> str:
+    """pluggy's multi-line message, as one line saying which hook and which arguments."""
+    text = " ".join(str(exc).split())
+    for line in str(exc).splitlines():
+        if "hookimpl definition:" in line:
+            definition = line.split("hookimpl definition:", 1)[1].strip()
+            hook_name = definition.split("(", 1)[0]
+            spec = getattr(hookspecs, hook_name, None)
+            expected = f"{hook_name}{inspect.signature(spec)}" if spec is not None else "?"
+            rest = text.split(line.strip(), 1)[-1].strip()
+            return f"wrong hook signature {definition}; the hook is {expected}. {rest}".strip()
+    return f"invalid hook implementation: {text}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -93,9 +93,11 @@ class _Checker:
                 known = f" (allowed here: {', '.join(sorted(allowed))})" if allowed and not hint else ""
                 self.at_key(path, f"unknown key {key!r}{hint}{known}")
             elif kind == "missing":
-                missing = str(loc[-1])
                 parent = path if path and path[-1] != loc[-1] else path[:-1]
-                self.at_value(parent, f"missing required key {missing!r}")
+                # name the absent keys in between too: "with.path" when there is no with: at all
+                intended = (*prefix, *loc)
+                absent = [str(p) for p in intended[len(parent) :] if not isinstance(p, int)]
+                self.at_value(parent, f"missing required key {'.'.join(absent)!r}")
             else:
                 where = ".".join(str(p) for p in path[len(prefix) :]) or "value"
                 self.at_value(path, f"{where}: {message}")
@@ -103,10 +105,16 @@ class _Checker:
 
 def _resolve(data: Any, prefix: YamlPath, loc: tuple[Any, ...]) -> YamlPath:
     """Map a pydantic error location onto the YAML path, dropping union tags."""
-    path: list[str | int] = list(prefix)
+    path: list[str | int] = []
     current = data
     for part in prefix:
-        current = current[part] if isinstance(current, dict | list) else None
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            current = current[part]
+        else:
+            return tuple(path)  # the section itself is absent (no `with:`): report at its parent
+        path.append(part)
     for i, part in enumerate(loc):
         if (isinstance(current, dict) and part in current) or (
             isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
@@ -203,8 +211,8 @@ def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
         steps=[s for s in steps if s is not None],
         on_failure=[s for s in on_failure if s is not None],
     )
-    for message in plugins.workflow_loaded(workflow):
-        check.at_value((), message)
+    for where, message in plugins.workflow_loaded(workflow):  # policies from plugins
+        check.at_value(where, message)
     if check.problems:
         raise WorkflowFileError(check.problems)
     return workflow

@@ -83,7 +83,10 @@ class StepDefaults(SpecModel):
 class StepSpec(SpecModel):
     """One step of a workflow: a step type (``uses``) and its config (``with``)."""
 
-    id: str = Field(pattern=STEP_ID_PATTERN, description="Unique within the workflow.")
+    id: str = Field(
+        description="Unique within the workflow: a letter, then letters, digits, - or _.",
+        json_schema_extra={"pattern": STEP_ID_PATTERN},
+    )
     uses: str = Field(description="The step type, such as http.fetch; see `automator plugins`.")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="The step's config.")
     description: str | None = None
@@ -94,6 +97,14 @@ class StepSpec(SpecModel):
     )
     retry: RetryPolicy | None = None
     timeout: Duration | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not re.fullmatch(STEP_ID_PATTERN, value):
+            raise ValueError(f"invalid step id {value!r}: start with a letter, then letters, digits, - or _")
+        return value
+
     concurrency: int | None = Field(None, ge=1, le=1000, description="Items processed at once.")
 
 
@@ -117,6 +128,13 @@ class WorkflowSpec(SpecModel):
     defaults: StepDefaults = Field(default_factory=StepDefaults)
     steps: list[StepSpec] = Field(min_length=1)
     on_failure: list[StepSpec] = Field(default_factory=list, description="Deliver steps run when a run fails.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(WORKFLOW_NAME_PATTERN, value):
+            raise ValueError(f"invalid workflow name {value!r}: use letters, digits, ., - and _")
+        return value
 
     @field_validator("params")
     @classmethod

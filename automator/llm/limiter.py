@@ -1,0 +1,166 @@
+"""A client-side limiter for requests and tokens per minute, learned from x-ratelimit-* headers.
+
+Each limit is a token bucket refilled continuously at limit/60 per second. The bucket
+holds at most ``burst`` seconds of budget, so a large run paces itself at the account's
+rate instead of bursting into a wall of 429s. A request larger than the bucket waits
+until the bucket is full and then borrows (the level goes negative), so nothing stalls.
+
+Limits come from the step's config and from the server's headers (the lower wins); the
+``remaining`` headers pull the local level down when the server knows better (another
+process sharing the key, say); a 429 pauses everyone for its ``retry-after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_RESET_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(value: str | None) -> float | None:
+    """OpenAI's reset durations (``6m0s``, ``1.5s``, ``120ms``) in seconds."""
+    if not value:
+        return None
+    parts = _RESET_PART.findall(value.strip())
+    if not parts:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return sum(float(n) * _RESET_UNITS[u] for n, u in parts)
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+@dataclass
+class Bucket:
+    """One per-minute limit as a token bucket; ``limit`` None means unlimited."""
+
+    configured: int | None
+    burst: float
+    clock: Callable[[], float]
+    learned: int | None = None
+    level: float = 0.0
+    stamp: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        self.stamp = self.clock()
+        self.level = self.capacity
+
+    @property
+    def limit(self) -> int | None:
+        known = [x for x in (self.configured, self.learned) if x]
+        return min(known) if known else None
+
+    @property
+    def rate(self) -> float:
+        return (self.limit or 0) / 60.0
+
+    @property
+    def capacity(self) -> float:
+        return max(self.rate * self.burst, 1.0)
+
+    def refill(self) -> None:
+        now = self.clock()
+        if self.limit is not None:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` can be taken (0 if now)."""
+        if self.limit is None:
+            return 0.0
+        self.refill()
+        needed = min(amount, self.capacity)
+        if self.level >= needed:
+            return 0.0
+        return (needed - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        if self.limit is not None:
+            self.level -= amount
+
+    def learn(self, limit: int | None, remaining: int | None) -> None:
+        if limit is not None and limit > 0 and limit != self.learned:
+            first = self.learned is None and self.configured is None
+            self.learned = limit
+            if first:
+                self.level = min(self.capacity, remaining if remaining is not None else self.capacity)
+                self.stamp = self.clock()
+        if remaining is not None and self.limit is not None:
+            self.refill()
+            self.level = min(self.level, float(remaining))
+
+
+class RateLimiter:
+    """Requests- and tokens-per-minute pacing shared by all of a step's concurrent calls."""
+
+    def __init__(
+        self,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        burst_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.requests = Bucket(rpm, burst_seconds, clock)
+        self.tokens = Bucket(tpm, burst_seconds, clock)
+        self._lock = asyncio.Lock()
+        self._paused_until = 0.0
+        self.waited_s = 0.0
+        self.rate_limited = 0  # 429s seen
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one request of ``tokens`` (prompt + max output) fits in both limits."""
+        async with self._lock:  # first come, first served
+            while True:
+                delay = max(
+                    self._paused_until - self.clock(),
+                    self.requests.wait_for(1),
+                    self.tokens.wait_for(tokens),
+                )
+                if delay <= 0:
+                    break
+                self.waited_s += delay
+                await asyncio.sleep(delay)
+            self.requests.take(1)
+            self.tokens.take(tokens)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn the limits and the server's remaining budget from a response's headers."""
+        self.requests.learn(
+            _int_header(headers, "x-ratelimit-limit-requests"), _int_header(headers, "x-ratelimit-remaining-requests")
+        )
+        self.tokens.learn(
+            _int_header(headers, "x-ratelimit-limit-tokens"), _int_header(headers, "x-ratelimit-remaining-tokens")
+        )
+
+    def pause(self, seconds: float) -> None:
+        """After a 429: nobody sends until the server's retry-after has passed."""
+        self.rate_limited += 1
+        self._paused_until = max(self._paused_until, self.clock() + seconds)
+        for bucket in (self.requests, self.tokens):
+            bucket.refill()
+            bucket.level = min(bucket.level, 0.0)
+
+    @property
+    def ceiling_per_second(self) -> tuple[float | None, float | None]:
+        """Requests/s and tokens/s the known limits allow."""
+        return (
+            self.requests.rate if self.requests.limit else None,
+            self.tokens.rate if self.tokens.limit else None,
+        )
