@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -77,8 +77,9 @@ def render(text: str, context: Mapping[str, Any]) -> Any:
         raise TemplateRenderError(f"template {_short(text)}: {exc.message}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
         raise TemplateRenderError(f"template {_short(text)}: {type(exc).__name__}: {exc}") from None
-    if isinstance(value, StrictUndefined):  # pragma: no cover - StrictUndefined raises first
-        raise TemplateRenderError(f"template {_short(text)}: undefined")
+    if isinstance(value, Undefined):
+        # a lone expression hands back the Undefined itself instead of raising
+        raise TemplateRenderError(f"template {_short(text)}: {value._undefined_message}")
     return value
 
 

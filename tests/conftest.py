@@ -78,7 +78,7 @@ def workflow_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def write_workflow(workflow_dir: Path):  # noqa: ANN201 - returns a small helper
+def write_workflow(workflow_dir: Path):
     """Write a workflow file from (dedented) YAML text; returns its path."""
 
     def write(text: str, name: str = "flow.yaml") -> Path:
@@ -89,7 +89,9 @@ def write_workflow(workflow_dir: Path):  # noqa: ANN201 - returns a small helper
     return write
 
 
-def run_console(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_console(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """The real console script in a subprocess: for exit codes and 'no traceback' checks."""
     return subprocess.run(
         [sys.executable, "-m", "automator.cli.main", *args],

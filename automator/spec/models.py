@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -75,6 +76,15 @@ class Schedule(SpecModel):
         return self
 
 
+class Budget(SpecModel):
+    """Spending limits for the workflow's model calls, in USD; a run stops before it would pass one."""
+
+    max_cost_usd: Decimal | None = Field(None, gt=0, description="The most one run may spend on model calls.")
+    max_cost_usd_per_day: Decimal | None = Field(
+        None, gt=0, description="The most all runs of the workflow may spend per UTC day."
+    )
+
+
 class StepDefaults(SpecModel):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: Duration | None = Field(None, description="Per step attempt (per item for item steps).")
@@ -128,6 +138,7 @@ class WorkflowSpec(SpecModel):
     defaults: StepDefaults = Field(default_factory=StepDefaults)
     steps: list[StepSpec] = Field(min_length=1)
     on_failure: list[StepSpec] = Field(default_factory=list, description="Deliver steps run when a run fails.")
+    budget: Budget | None = Field(None, description="Spending limits for model calls (per run, per day).")
 
     @field_validator("name")
     @classmethod

@@ -20,7 +20,7 @@ steps:
 """
 
 
-def problems(result) -> list[str]:  # noqa: ANN001
+def problems(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if ":" in line and not line.startswith(("warning", "hint"))]
 
 
@@ -115,7 +115,14 @@ def test_an_unknown_step_type_lists_the_installed_ones(cli, write_workflow) -> N
     assert result.exit_code == 1
     line = next(p for p in problems(result) if "unknown step type" in p)
     assert line.startswith(f"{path}:3:11: unknown step type 'file.fetsh'; did you mean 'file.fetch'?")
-    for name in ("http.fetch", "file.fetch", "template.transform", "schema.validate", "file.deliver", "webhook.deliver"):
+    for name in (
+        "http.fetch",
+        "file.fetch",
+        "template.transform",
+        "schema.validate",
+        "file.deliver",
+        "webhook.deliver",
+    ):
         assert name in line
 
 
@@ -170,7 +177,9 @@ def test_a_missing_required_setting(cli, write_workflow) -> None:
     ],
 )
 def test_bad_schedules(cli, write_workflow, schedule: str, line_col: str, message: str) -> None:
-    path = write_workflow(f"schedule:\n  {schedule}\nsteps:\n  - id: read\n    uses: file.fetch\n    with: {{path: x.json}}\n")
+    path = write_workflow(
+        f"schedule:\n  {schedule}\nsteps:\n  - id: read\n    uses: file.fetch\n    with: {{path: x.json}}\n"
+    )
     result = cli("validate", path)
     assert result.exit_code == 1
     assert f"{path}:{line_col}: " in result.stderr, result.stderr
