@@ -108,7 +108,9 @@ def _resolve(data: Any, prefix: YamlPath, loc: tuple[Any, ...]) -> YamlPath:
     path: list[str | int] = []
     current = data
     for part in prefix:
-        if (isinstance(current, dict) and part in current) or (isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)):
+        if (isinstance(current, dict) and part in current) or (
+            isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        ):
             current = current[part]
         else:
             return tuple(path)  # the section itself is absent (no `with:`): report at its parent
