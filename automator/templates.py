@@ -53,8 +53,39 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text or "{#" in text
 
 
+_DOTTED = re.compile(r"^\s*\{\{\s*(?P<root>[A-Za-z_]\w*)(?P<rest>(?:\.[A-Za-z_]\w*)+)\s*\}\}\s*$")
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+def _dotted_getter(root: str, parts: list[str], fallback: Callable[[Mapping[str, Any]], Any]) -> Callable[..., Any]:
+    """``{{ item.a.b }}`` without Jinja's per-call context: the same value, much faster.
+
+    Only plain dict lookups take the fast path; anything else (a missing key, an object,
+    a name that is also a dict method) goes through Jinja for its exact semantics.
+    """
+
+    def get(context: Mapping[str, Any]) -> Any:
+        value = context.get(root, _MISSING) if isinstance(context, dict) else _MISSING
+        for part in parts:
+            if type(value) is not dict or part not in value:
+                return fallback(context)
+            value = value[part]
+        return fallback(context) if value is _MISSING else value
+
+    return get
+
+
+_MISSING = object()
+
+
 @lru_cache(maxsize=4096)
 def _compile(text: str) -> Callable[[Mapping[str, Any]], Any]:
+    dotted = _DOTTED.match(text)
+    if dotted:
+        parts = dotted.group("rest").split(".")[1:]
+        if not _DICT_ATTRIBUTES.intersection(parts) and dotted.group("root") in CONTEXT_NAMES:
+            expression = ENVIRONMENT.compile_expression(text.strip()[2:-2], undefined_to_none=False)
+            return _dotted_getter(dotted.group("root"), parts, lambda context: expression(**context))
     match = _SINGLE_EXPRESSION.match(text)
     if match and "}}" not in match.group("expr") and "{{" not in match.group("expr"):
         expression = ENVIRONMENT.compile_expression(match.group("expr"), undefined_to_none=False)

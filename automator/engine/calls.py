@@ -69,10 +69,13 @@ class Caller:
         """Try once; on a retryable failure, back off and try again up to the policy's limit."""
         try:
             return await self._once(method, args)
-        except Exception as first:
-            if self.retry.attempts <= 1 or not is_retryable(first):
-                raise
-            failure: BaseException = first
+        except Exception as first:  # noqa: BLE001 - re-raised unless a retry may help
+            return await self.retry_after_failure(method, args, first)
+
+    async def retry_after_failure(self, method: Callable[..., Any], args: tuple[Any, ...], failure: Exception) -> Any:
+        """After a first failed attempt: back off and try again, or re-raise ``failure``."""
+        if self.retry.attempts <= 1 or not is_retryable(failure):
+            raise failure
         self.retries += 1
         await asyncio.sleep(self._backoff(1, failure))
         retrying = AsyncRetrying(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import time
@@ -98,6 +99,7 @@ class Run:
         self._pending_outcomes: list[OutcomeRow] = []
         self._ended: set[int] = set()
         self._first_failure: tuple[str, str] | None = None
+        self._item_events = plugins.wants_item_events  # asked once: it is per item otherwise
         self.summaries: list[tuple[str, str]] = []
         self.context: RunContext | None = None
 
@@ -115,8 +117,9 @@ class Run:
         self._pending_outcomes.append(OutcomeRow(item.seq, outcome, step_id, reason, result))
         if outcome == "failed" and self._first_failure is None:
             self._first_failure = (step_id or "", reason or "")
-        if self.plugins.wants_item_events:
-            self.plugins.item_outcome(ItemOutcome(ctx.info, item.seq, item.key, outcome, step_id, reason, item.data))
+        if self._item_events:
+            data = ctx.redactor.data(item.data)  # listeners may log or post it: no secrets
+            self.plugins.item_outcome(ItemOutcome(ctx.info, item.seq, item.key, outcome, step_id, reason, data))
         if len(self._pending_outcomes) >= FLUSH_EVERY:
             self._flush()
 
@@ -447,10 +450,22 @@ class Run:
         done = 0
         total = len(items)
 
+        concurrency = bound.spec.concurrency or bound.type.default_concurrency
+        runs_inline = not (bound.type.blocking or _is_async(method))
+
         async def one(index: int, item: Item) -> None:
             nonlocal done
             try:
-                result = await caller.call(method, item)
+                if runs_inline:
+                    # the hot path for cheap sync steps: a plain call, no coroutine layers
+                    try:
+                        result = method(item)
+                        if inspect.isawaitable(result):
+                            result = await result
+                    except Exception as first:  # noqa: BLE001 - re-raised unless a retry may help
+                        result = await caller.retry_after_failure(method, (item,), first)
+                else:
+                    result = await caller.call(method, item)
             except SkipItem as signal:
                 self._end_item(item, "skipped", bound.id, signal.reason)
             except QuarantineItem as signal:
@@ -471,8 +486,6 @@ class Run:
                 if self.progress is not None and (done % 100 == 0 or done == total):
                     self.progress(bound.id, done, total)
 
-        concurrency = bound.spec.concurrency or bound.type.default_concurrency
-        runs_inline = not (bound.type.blocking or _is_async(method))
         if runs_inline or concurrency <= 1:
             for index, item in enumerate(items):
                 await one(index, item)

@@ -39,6 +39,8 @@ class SchemaValidate(ValidateStep[SchemaValidateConfig]):
         )
 
     def validate(self, item: Item) -> None:
+        if self._validator.is_valid(item.data):  # the common case; explaining costs more
+            return
         error = best_match(self._validator.iter_errors(item.data))
         if error is None:
             return
