@@ -37,6 +37,8 @@ class Caller:
     timeout: timedelta | None
     blocking: bool
     retries: int = 0
+    # told about each failed attempt that will be retried (fetch steps record each attempt)
+    on_failed_attempt: Callable[[BaseException], None] | None = None
 
     def _backoff(self, attempt: int, exc: BaseException | None) -> float:
         # exponential, with full jitter on the upper half so many items do not retry in lockstep
@@ -50,6 +52,13 @@ class Caller:
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         return self._backoff(state.attempt_number + 1, exc)
+
+    def _failed_attempt(self, exc: BaseException | None) -> None:
+        if self.on_failed_attempt is not None and exc is not None:
+            self.on_failed_attempt(exc)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        self._failed_attempt(state.outcome.exception() if state.outcome else None)
 
     async def _once(self, method: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         seconds = self.timeout.total_seconds() if self.timeout else None
@@ -77,11 +86,13 @@ class Caller:
         if self.retry.attempts <= 1 or not is_retryable(failure):
             raise failure
         self.retries += 1
+        self._failed_attempt(failure)
         await asyncio.sleep(self._backoff(1, failure))
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts - 1),
             wait=self._wait,
             retry=retry_if_exception(is_retryable),
+            before_sleep=self._before_sleep,
             reraise=True,
         )
         async for attempt in retrying:

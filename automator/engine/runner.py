@@ -320,6 +320,27 @@ class Run:
         step = self._make_step(bound)
         caller = self._caller(bound)
         attempt_id, started = self._step_started(bound, 0)
+        attempt = 1
+
+        def record_failed_attempt(exc: BaseException) -> None:
+            # each try of a fetch is its own step attempt in the history
+            nonlocal attempt_id, started, attempt
+            error = self._timeout_text(exc, caller) or describe_error(exc)
+            self._step_finished(
+                bound,
+                attempt_id,
+                started,
+                status="failed",
+                error=error,
+                items_in=0,
+                items_out=0,
+                retries=0,
+                summary=None,
+            )
+            attempt += 1
+            attempt_id, started = self._step_started(bound, 0, attempt=attempt)
+
+        caller.on_failed_attempt = record_failed_attempt
         try:
             raw = await caller.call(step.fetch)
             if raw is None:

@@ -65,8 +65,13 @@ def test_a_500_is_retried_then_the_run_fails_with_the_status(cli, write_workflow
     assert run["error_step"] == "get"
     assert "answered 500 INTERNAL SERVER ERROR: database down" in run["error"]
     assert len(httpserver.log) == 3
-    step = cli("runs", "show", str(run["id"]), "--json").json()["steps"][0]
-    assert step["status"] == "failed" and step["retries"] == 2
+    attempts = cli("runs", "show", str(run["id"]), "--json").json()["steps"]
+    assert [(s["step_id"], s["attempt"], s["status"]) for s in attempts] == [
+        ("get", 1, "failed"),
+        ("get", 2, "failed"),
+        ("get", 3, "failed"),
+    ]
+    assert all("answered 500" in s["error"] for s in attempts)
 
 
 def test_a_500_then_success_recovers(cli, write_workflow, httpserver) -> None:
