@@ -182,3 +182,68 @@ def test_a_4xx_webhook_is_not_retried_and_fails_the_item(cli, write_workflow, ht
     assert run["items"]["failed"] == 1
     assert len(httpserver.log) == 1
     assert "answered 422 UNPROCESSABLE ENTITY: bad payload" in run["error"]
+
+
+def test_the_chat_sample_posts_each_urgent_ticket_once(cli, httpserver, monkeypatch) -> None:
+    from tests.conftest import REPO
+
+    tickets = {
+        "tickets": [
+            {"id": 1, "subject": "refund", "priority": "urgent"},
+            {"id": 2, "subject": "font", "priority": "low"},
+            {"id": 3, "subject": "outage", "priority": "high"},
+        ]
+    }
+    httpserver.expect_request(
+        "/api/tickets", query_string="status=new", headers={"Authorization": "Bearer t0ken-abc"}
+    ).respond_with_json(tickets)
+    posted: list[dict] = []
+
+    def chat(request: Request) -> Response:
+        posted.append(request.get_json())
+        return Response("ok")
+
+    httpserver.expect_request("/chat", method="POST").respond_with_handler(chat)
+    monkeypatch.setenv("AUTOMATOR_SECRET_HELPDESK_TOKEN", "t0ken-abc")
+    monkeypatch.setenv("AUTOMATOR_SECRET_CHAT_WEBHOOK", httpserver.url_for("/chat"))
+    sample = REPO / "workflows" / "urgent-tickets-to-chat.yaml"
+    helpdesk = httpserver.url_for("").rstrip("/")
+    run = cli("run", sample, "--param", f"helpdesk={helpdesk}", "--json").json()
+    assert run["items"] == {"fetched": 3, "delivered": 2, "skipped": 1, "quarantined": 0, "failed": 0}
+    assert sorted(p["text"] for p in posted) == [
+        f"[high] outage — {helpdesk}/tickets/3",
+        f"[urgent] refund — {helpdesk}/tickets/1",
+    ]
+    again = cli("run", sample, "--param", f"helpdesk={helpdesk}", "--json").json()
+    assert again["items"]["skipped"] == 3
+    assert len(posted) == 2
+
+
+def test_on_failure_steps_tell_someone_when_a_run_fails(cli, httpserver, monkeypatch) -> None:
+    from tests.conftest import REPO
+
+    httpserver.expect_request("/api/tickets").respond_with_data("maintenance", status=503)
+    notices: list[dict] = []
+
+    def chat(request: Request) -> Response:
+        notices.append(request.get_json())
+        return Response("ok")
+
+    httpserver.expect_request("/chat", method="POST").respond_with_handler(chat)
+    monkeypatch.setenv("AUTOMATOR_SECRET_HELPDESK_TOKEN", "t0ken-abc")
+    monkeypatch.setenv("AUTOMATOR_SECRET_CHAT_WEBHOOK", httpserver.url_for("/chat"))
+    text = (REPO / "workflows" / "urgent-tickets-to-chat.yaml").read_text()
+    from tempfile import TemporaryDirectory
+
+    with TemporaryDirectory() as folder:
+        quick = Path(folder) / "chat.yaml"
+        quick.write_text(text.replace("backoff: 2s, max_backoff: 1m", "backoff: 10ms, max_backoff: 10ms"))
+        run = cli("run", quick, "--param", f"helpdesk={httpserver.url_for('').rstrip('/')}", "--json").json()
+    assert run["status"] == "failed"
+    assert len(notices) == 1
+    assert notices[0]["text"].startswith(
+        f"automator: urgent-tickets-to-chat run {run['id']} failed: step tickets (http.fetch) failed: GET "
+    )
+    assert "answered 503 SERVICE UNAVAILABLE: maintenance" in notices[0]["text"]
+    steps = cli("runs", "show", str(run["id"]), "--json").json()["steps"]
+    assert steps[-1]["step_id"] == "tell-ops" and steps[-1]["status"] == "succeeded"
