@@ -21,7 +21,15 @@ from automator.errors import (
     WorkflowFileError,
 )
 from automator.history.store import History
-from automator.plugins.events import ItemOutcome, RunFinished, RunInfo, RunStarted, StepFinished, StepStarted
+from automator.plugins.events import (
+    ItemOutcome,
+    Rejection,
+    RunFinished,
+    RunInfo,
+    RunStarted,
+    StepFinished,
+    StepStarted,
+)
 from automator.plugins.hookspecs import hookimpl
 from automator.plugins.manager import Plugins, load_plugins
 from automator.plugins.steps import (
@@ -53,6 +61,7 @@ __all__ = [
     "Plugins",
     "Problem",
     "QuarantineItem",
+    "Rejection",
     "RunContext",
     "RunFinished",
     "RunInfo",

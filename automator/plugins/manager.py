@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -70,6 +71,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "automator_standard.schema_validate",
     "automator_standard.file_deliver",
     "automator_standard.webhook_deliver",
+    "automator_standard.openai_transform",
 )
 
 
@@ -434,20 +436,24 @@ def _check_step_type(step_type: Any) -> None:
 
 
 def _describe_validation_error(exc: pluggy.PluginValidationError) -> str:
-    """pluggy's multi-line message, as one line saying which hook and which arguments."""
+    """pluggy's multi-line message as one line: the hook as written, and as it should be."""
     text = " ".join(str(exc).split())
-    for line in str(exc).splitlines():
-        if "hookimpl definition:" in line:
-            definition = line.split("hookimpl definition:", 1)[1].strip()
-            hook_name = definition.split("(", 1)[0]
-            spec = getattr(hookspecs, hook_name, None)
-            expected = f"{hook_name}{inspect.signature(spec)}" if spec is not None else "?"
-            rest = text.split(line.strip(), 1)[-1].strip()
-            return f"wrong hook signature {definition}; the hook is {expected}. {rest}".strip()
-    return f"invalid hook implementation: {text}"
+    match = re.search(r"hookimpl definition: (\w+)\(", str(exc))
+    spec = getattr(hookspecs, match.group(1), None) if match else None
+    function = getattr(exc.plugin, match.group(1), None) if match else None
+    if not (match and callable(spec) and callable(function)):
+        return f"invalid hook implementation: {text}"
+    hook_name = match.group(1)
+    written = ", ".join(inspect.signature(function).parameters)
+    expected = ", ".join(inspect.signature(spec).parameters)
+    unknown = sorted(set(inspect.signature(function).parameters) - set(inspect.signature(spec).parameters))
+    reason = f"unknown argument(s) {', '.join(unknown)}" if unknown else text
+    return f"wrong hook signature {hook_name}({written}); the hook is {hook_name}({expected}): {reason}"
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PluginError):
+        return exc.message  # ours: it says what is wrong, the place is the plugin's name
     if isinstance(exc, SyntaxError):
         return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
     frames = traceback.extract_tb(exc.__traceback__)

@@ -1,0 +1,396 @@
+"""pytest fixtures for plugin authors: run a workflow for real and inspect what happened.
+
+Installed with automator as a pytest plugin (entry point ``pytest11``), so a plugin's
+test suite gets these fixtures without any conftest.py:
+
+``automator_runner``
+    Runs workflows against a fresh SQLite history database in the test's temporary
+    folder and returns a :class:`WorkflowRun`: the run's row, its step attempts, the
+    item ledger, the outcome counts, the lifecycle events, and what the ``test.deliver``
+    steps received::
+
+        def test_my_fetcher(automator_runner):
+            result = automator_runner.run(
+                '''
+                steps:
+                  - {id: news, uses: acme.fetch, with: {feed: "{{ params.feed }}"}}
+                  - {id: out, uses: test.deliver}
+                params: {feed: sports}
+                ''',
+                plugins=[my_plugin],
+            )
+            assert result.status == "succeeded"
+            assert result.outcomes["delivered"] == 3
+            assert [i["title"] for i in result.delivered["out"]] == ["a", "b", "c"]
+
+``automator_history_url``
+    The SQLAlchemy URL of that history database.
+
+``automator_cli``
+    Runs ``automator ARGS...`` in-process against the same database, as the console
+    script would; returns exit code, stdout and stderr.
+
+Two step types exist only in these runs, to surround the step under test:
+``test.fetch`` (``with: {items: [...]}``: these items, as given) and ``test.deliver``
+(records each item's data; ``with: {fail_when: "{{ item.n > 2 }}"}`` fails the items
+for which the template is true, without retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import textwrap
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import pytest
+
+if TYPE_CHECKING:
+    from automator.engine.runner import RunResult
+    from automator.history.models import LedgerItem, Run, StepAttempt
+    from automator.history.store import History
+    from automator.plugins.manager import Plugins
+    from automator.spec.loader import Workflow
+
+__all__ = ["CliResult", "WorkflowRun", "WorkflowRunner"]
+
+OUTCOMES = ("delivered", "skipped", "quarantined", "failed")
+_RECORDER_NAME = "automator.testing"
+
+
+@dataclass
+class WorkflowRun:
+    """One finished run, as the history recorded it."""
+
+    result: RunResult  # what run_workflow returned
+    run: Run  # the history's row for the run; ``run.steps`` are its step attempts
+    items: list[LedgerItem]  # the item ledger, in fetch order
+    delivered: dict[str, list[Any]]  # test.deliver step id -> the item data it received
+    events: list[Any]  # every lifecycle event (RunStarted, StepStarted, ItemOutcome, ...)
+    workflow: Workflow
+    plugins: Plugins = field(repr=False)
+
+    @property
+    def status(self) -> str:
+        return self.run.status
+
+    @property
+    def error(self) -> str | None:
+        return self.run.error
+
+    @property
+    def steps(self) -> list[StepAttempt]:
+        return list(self.run.steps)
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """How many items of the ledger ended in each outcome (every outcome is a key)."""
+        counted = Counter(item.outcome for item in self.items)
+        return {outcome: counted.get(outcome, 0) for outcome in (*OUTCOMES, *sorted(set(counted) - set(OUTCOMES)))}
+
+    def items_with(self, outcome: str) -> list[LedgerItem]:
+        return [item for item in self.items if item.outcome == outcome]
+
+    def step(self, step_id: str) -> StepAttempt:
+        """The (last) attempt of one step."""
+        found = [s for s in self.run.steps if s.step_id == step_id]
+        if not found:
+            raise KeyError(f"step {step_id!r} did not run; ran: {', '.join(s.step_id for s in self.run.steps)}")
+        return found[-1]
+
+    def events_of(self, kind: type) -> list[Any]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+class WorkflowRunner:
+    """Loads and runs workflows in one folder against one history database."""
+
+    def __init__(self, directory: Path, history_url: str) -> None:
+        self.directory = directory
+        self.history_url = history_url
+        self._history: History | None = None
+
+    @property
+    def history(self) -> History:
+        if self._history is None:
+            from automator.history.store import History
+
+            self._history = History(self.history_url)
+        return self._history
+
+    def close(self) -> None:
+        if self._history is not None:
+            self._history.close()
+            self._history = None
+
+    def write(self, name: str, content: str | bytes | Any) -> Path:
+        """Write a file beside the workflows (data for a fetcher, say): text, bytes, or JSON."""
+        path = self.directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(textwrap.dedent(content).lstrip("\n"), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(content), encoding="utf-8")
+        return path
+
+    def plugins(
+        self,
+        plugins: Sequence[object] = (),
+        *,
+        entry_points: bool = True,
+        secrets: Mapping[str, str] | None = None,
+        _recorder: _Recorder | None = None,
+    ) -> Plugins:
+        """The built-in plugins, installed ones (``entry_points``), ``plugins``, and test.*.
+
+        A plugin given here that fails to load raises PluginError with the reason.
+        """
+        from automator.errors import PluginError
+        from automator.plugins.manager import PluginInfo, Plugins
+
+        loaded = Plugins()
+        loaded.load_builtins()
+        if entry_points:
+            loaded.load_entry_points()
+        for plugin in plugins:
+            if loaded.pm.is_registered(plugin):
+                continue  # installed, and given again: once is enough
+            name = _plugin_name(plugin, taken=loaded.infos)
+            info = PluginInfo(name=name, source="test", location=getattr(plugin, "__file__", None))
+            if not loaded.add(plugin, info):
+                raise PluginError(f"plugin {name} did not load: {info.error or 'disabled by AUTOMATOR_PLUGINS'}")
+        recorder = _recorder or _Recorder(secrets or {})
+        loaded.add(recorder, PluginInfo(name=_RECORDER_NAME, source="test"))
+        return loaded
+
+    def workflow_path(self, workflow: str | Path, name: str = "workflow.yaml") -> Path:
+        """A path as given, or YAML text written to a file in the folder."""
+        if isinstance(workflow, Path):
+            return workflow
+        if "\n" not in workflow and workflow.strip().endswith((".yaml", ".yml")):
+            path = Path(workflow)
+            return path if path.is_absolute() else self.directory / path
+        return self.write(name, workflow)
+
+    def load(
+        self, workflow: str | Path, *, plugins: Sequence[object] | Plugins = (), entry_points: bool = True
+    ) -> Workflow:
+        """Load (validate) a workflow; raises WorkflowFileError listing its problems."""
+        from automator.errors import WorkflowFileError
+        from automator.plugins.manager import Plugins
+        from automator.spec.loader import load_workflow
+
+        loaded = plugins if isinstance(plugins, Plugins) else self.plugins(plugins, entry_points=entry_points)
+        try:
+            return load_workflow(self.workflow_path(workflow), loaded)
+        except WorkflowFileError as exc:
+            for failure in loaded.failures:
+                exc.add_note(f"plugin {failure.name} failed to load: {failure.error}")
+            raise
+
+    async def arun(
+        self,
+        workflow: str | Path,
+        *,
+        plugins: Sequence[object] = (),
+        params: dict[str, Any] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        entry_points: bool = True,
+        trigger: str = "test",
+    ) -> WorkflowRun:
+        """Like :meth:`run`, from a test that already has an event loop."""
+        from automator.engine.runner import run_workflow
+
+        recorder = _Recorder(secrets or {})
+        loaded = self.plugins(plugins, entry_points=entry_points, _recorder=recorder)
+        wf = self.load(workflow, plugins=loaded)
+        result = await run_workflow(wf, self.history, loaded, params=params, trigger=trigger)
+        row = self.history.get_run(result.run_id)
+        assert row is not None, "the run is missing from the history"
+        return WorkflowRun(
+            result=result,
+            run=row,
+            items=self.history.items(result.run_id),
+            delivered=recorder.delivered,
+            events=recorder.events,
+            workflow=wf,
+            plugins=loaded,
+        )
+
+    def run(
+        self,
+        workflow: str | Path,
+        *,
+        plugins: Sequence[object] = (),
+        params: dict[str, Any] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        entry_points: bool = True,
+        trigger: str = "test",
+    ) -> WorkflowRun:
+        """Load and run a workflow (a path, or YAML text) once; the run's record comes back.
+
+        ``plugins``: plugin modules or objects to load besides the built-in and installed
+        ones; ``params``: the workflow's parameters; ``secrets``: values for
+        ``{{ secrets.NAME }}`` (they win over any other provider and the environment);
+        ``entry_points=False`` leaves installed third-party plugins out.
+        """
+        return asyncio.run(
+            self.arun(
+                workflow, plugins=plugins, params=params, secrets=secrets, entry_points=entry_points, trigger=trigger
+            )
+        )
+
+
+def _plugin_name(plugin: object, taken: Mapping[str, object]) -> str:
+    """A module's name, or an object's class name; numbered when two objects share a class."""
+    base = getattr(plugin, "__name__", None) or type(plugin).__name__
+    name, number = base, 1
+    while name in taken:
+        number += 1
+        name = f"{base}#{number}"
+    return name
+
+
+# the same marker as automator.hookimpl
+_impl = pluggy.HookimplMarker("automator")
+
+
+class _Recorder:
+    """The plugin behind test.fetch / test.deliver, the secrets= option and the events list."""
+
+    def __init__(self, secrets: Mapping[str, str]) -> None:
+        self.secrets = dict(secrets)
+        self.delivered: dict[str, list[Any]] = {}
+        self.events: list[Any] = []
+
+    @_impl
+    def register_step_types(self, register: Any) -> None:
+        for step_type in _recorder_step_types(self):
+            register(step_type)
+
+    @_impl(tryfirst=True)
+    def get_secret(self, name: str) -> str | None:
+        return self.secrets.get(name)
+
+    # trylast: the plugin under test hears each event before the recorder keeps it
+    @_impl(trylast=True)
+    def run_started(self, event: Any) -> None:
+        self.events.append(event)
+
+    @_impl(trylast=True)
+    def run_finished(self, event: Any) -> None:
+        self.events.append(event)
+
+    @_impl(trylast=True)
+    def step_started(self, event: Any) -> None:
+        self.events.append(event)
+
+    @_impl(trylast=True)
+    def step_finished(self, event: Any) -> None:
+        self.events.append(event)
+
+    @_impl(trylast=True)
+    def item_outcome(self, event: Any) -> None:
+        self.events.append(event)
+
+
+def _recorder_step_types(recorder: _Recorder) -> list[type]:
+    from pydantic import Field
+
+    from automator.errors import StepError
+    from automator.plugins.steps import DeliverStep, FetchStep, Item, StepConfig
+
+    class TestFetchConfig(StepConfig):
+        items: list[Any] = Field(default_factory=list, description="The items to produce, as given.")
+
+    class TestFetch(FetchStep[TestFetchConfig]):
+        name = "test.fetch"
+        description = "Produce the items written in the workflow file (automator.testing)."
+
+        def fetch(self) -> list[Any]:
+            return copy.deepcopy(self.config.items)
+
+    class TestDeliverConfig(StepConfig):
+        fail_when: str | None = Field(None, description="A template; items for which it is true fail.")
+
+    class TestDeliver(DeliverStep[TestDeliverConfig]):
+        name = "test.deliver"
+        description = "Record each item's data for the test to inspect (automator.testing)."
+
+        def deliver(self, item: Item) -> None:
+            if self.config.fail_when is not None and self.render(self.config.fail_when, item) in (True, "True"):
+                raise StepError(f"test.deliver failed item {item.seq} as asked (fail_when)", retryable=False)
+            recorder.delivered.setdefault(self.step_id, []).append(copy.deepcopy(item.data))
+
+    return [TestFetch, TestDeliver]
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def automator_history_url(tmp_path: Path) -> str:
+    """A fresh SQLite history database for this test (created on first use)."""
+    return f"sqlite:///{tmp_path / 'automator-history.db'}"
+
+
+@pytest.fixture
+def automator_runner(tmp_path: Path, automator_history_url: str) -> Iterator[WorkflowRunner]:
+    """Runs workflows in a temporary folder against a temporary history; see WorkflowRunner."""
+    folder = tmp_path / "workflows"
+    folder.mkdir(exist_ok=True)
+    runner = WorkflowRunner(folder, automator_history_url)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture
+def automator_cli(
+    automator_history_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Any:
+    """``automator_cli("runs", "--json")``: the command line in-process, on the test's history.
+
+    ``automator_cli(..., plugins=[module])`` adds the commands of plugins that are not
+    installed (the register_commands hook) for that one call.
+    """
+    from automator.cli.main import cli, main
+    from automator.plugins.manager import PluginInfo, Plugins
+
+    monkeypatch.setenv("AUTOMATOR_DATABASE_URL", automator_history_url)
+
+    def invoke(*args: str | Path, plugins: Sequence[object] = ()) -> CliResult:
+        commands = dict(cli.commands)
+        if plugins:
+            extra = Plugins()
+            for plugin in plugins:
+                name = _plugin_name(plugin, taken=extra.infos)
+                extra.add(plugin, PluginInfo(name=name, source="test"))
+            extra.register_commands(cli)
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        finally:
+            cli.commands.clear()
+            cli.commands.update(commands)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return invoke
