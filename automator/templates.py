@@ -165,6 +165,14 @@ def references(text: str) -> tuple[set[str], set[tuple[str, str]]]:
     return names, lookups
 
 
+def unknown_filters(text: str) -> set[str]:
+    """Filters and tests a (parseable) template uses that no plugin has registered."""
+    tree = ENVIRONMENT.parse(text)
+    filters = {n.name for n in tree.find_all(nodes.Filter)} - set(ENVIRONMENT.filters)
+    tests = {n.name for n in tree.find_all(nodes.Test)} - set(ENVIRONMENT.tests)
+    return filters | tests
+
+
 def iter_strings(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
     """Every string in a structure, with its path, for checking templates at load time."""
     found: list[tuple[tuple[str | int, ...], str]] = []

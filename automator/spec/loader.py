@@ -318,6 +318,10 @@ def _check_templates(check: _Checker, data: dict[str, Any]) -> None:
                     offset = exc.line if path in check.located.block_scalars else exc.line - 1
                     check.at_value(path, str(exc), line_offset=offset)
                     continue
+                for name in sorted(templates.unknown_filters(text)):
+                    check.at_value(
+                        path, f"unknown filter {name!r} in template (is the plugin that provides it installed?)"
+                    )
                 for name in sorted(names - known_names):
                     check.at_value(
                         path,

@@ -204,6 +204,7 @@ def test_template_problems_are_found_before_running(cli, write_workflow) -> None
                 nowhere: "{{ steps.nope.id }}"
                 limit: "{{ params.limit }}"
                 odd: "{{ itme.id }}"
+                filtered: "{{ item.title | shout }}"
           - id: write
             uses: file.deliver
             with: {path: out.jsonl}
@@ -217,6 +218,7 @@ def test_template_problems_are_found_before_running(cli, write_workflow) -> None
     assert f"{path}:13:18: steps.nope refers to no step" in err
     assert f"{path}:14:16: params.limit is not declared" in err
     assert f"{path}:15:14: unknown name 'itme' in template" in err
+    assert f"{path}:16:19: unknown filter 'shout' in template" in err
     assert "flow.yaml:10:" not in err and "flow.yaml:11:" not in err  # the good templates pass
 
 
