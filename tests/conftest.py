@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from automator.cli.main import main
 from automator.history.store import History
 from automator.plugins.manager import Plugins, load_plugins
+from automator.testing import CliResult
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,16 +38,6 @@ def history(history_url: str) -> Iterator[History]:
 @pytest.fixture
 def plugins() -> Plugins:
     return load_plugins(None)
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
 
 
 @dataclass
