@@ -74,8 +74,11 @@ def _print_problems(problems: list[Problem]) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a workflow parameter.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--dry-run", is_flag=True, help="Call no model: count the tokens each model step would send, bound the cost."
+)
 @click.pass_context
-def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool) -> None:
+def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool, dry_run: bool) -> None:
     """Run a workflow once, now. Exit 0 succeeded, 1 failed, 2 invalid file."""
     from automator.engine.runner import run_workflow
 
@@ -88,6 +91,11 @@ def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool) 
         stderr.print(f"{file}: invalid, not run ({len(exc.problems)} problem(s)).", markup=False)
         ctx.exit(EXIT_INVALID)
     history = opts.history()
+    if dry_run:
+        from automator.llm.estimate import dry_run as estimate_run
+
+        estimate_run(workflow, history, plugins, _parse_params(params), as_json=as_json)
+        ctx.exit(EXIT_OK)
     with render.Progress(enabled=is_terminal() and not as_json) as progress:
         result = asyncio.run(
             run_workflow(workflow, history, plugins, params=_parse_params(params), trigger="cli", progress=progress)
@@ -269,20 +277,37 @@ def db_current(ctx: click.Context) -> None:
 
 
 # --- commands from other modules ---
+from automator.cli.costs import costs  # noqa: E402
+from automator.cli.export import export  # noqa: E402
+
+cli.add_command(costs)
+cli.add_command(export)
 
 
-def _add_plugin_commands() -> None:
+def _plugins_dir_option(argv: list[str]) -> Path | None:
+    """``--plugins-dir`` read ahead of click: plugin commands must exist before parsing."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--plugins-dir" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--plugins-dir="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _add_plugin_commands(argv: list[str]) -> None:
     """Commands from plugins (the register_commands hook), if loading plugins works at all."""
     from automator.plugins.manager import load_plugins
 
-    plugins_dir = default_plugins_dir(Path("workflows"))
+    plugins_dir = _plugins_dir_option(argv) or default_plugins_dir(Path("workflows"))
     load_plugins(plugins_dir if plugins_dir.is_dir() else None).register_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The console script: run the CLI and render AutomatorError once, without a traceback."""
     try:
-        _add_plugin_commands()
+        _add_plugin_commands(sys.argv[1:] if argv is None else argv)
         # without standalone mode click returns ctx.exit()'s code instead of exiting
         code = cli.main(args=argv, prog_name="automator", standalone_mode=False)
     except WorkflowFileError as exc:

@@ -1,8 +1,8 @@
 """A client-side limiter for requests and tokens per minute, learned from x-ratelimit-* headers.
 
-Each limit is a token bucket refilled continuously at limit/60 per second. The bucket
-holds at most ``burst`` seconds of budget, so a large run paces itself at the account's
-rate instead of bursting into a wall of 429s. A request larger than the bucket waits
+Each limit is a token bucket refilled continuously at limit/60 per second, starting
+empty, and holding at most ``burst`` seconds of budget: a large run paces itself at the
+account's rate from its first request instead of bursting into a wall of 429s. A request larger than the bucket waits
 until the bucket is full and then borrows (the level goes negative), so nothing stalls.
 
 Limits come from the step's config and from the server's headers (the lower wins); the
@@ -57,8 +57,9 @@ class Bucket:
     stamp: float = field(default=0.0)
 
     def __post_init__(self) -> None:
+        # start empty: a run paces itself from its first request instead of bursting
         self.stamp = self.clock()
-        self.level = self.capacity
+        self.level = 0.0
 
     @property
     def limit(self) -> int | None:
@@ -98,7 +99,7 @@ class Bucket:
             first = self.learned is None and self.configured is None
             self.learned = limit
             if first:
-                self.level = min(self.capacity, remaining if remaining is not None else self.capacity)
+                self.level = 0.0
                 self.stamp = self.clock()
         if remaining is not None and self.limit is not None:
             self.refill()

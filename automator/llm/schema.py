@@ -36,7 +36,7 @@ SENT_KEYWORDS = {
 }  # fmt: skip
 
 
-class SchemaProblem(ValueError):
+class SchemaProblem(ValueError):  # noqa: N818 - a problem in a workflow file
     """The output schema cannot be used; the message says where and why."""
 
 

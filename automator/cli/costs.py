@@ -1,0 +1,110 @@
+"""``automator costs``: what the model calls cost, per workflow, day or step."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import click
+from rich.table import Table
+from sqlalchemy import case, func, select
+
+from automator.cli.common import echo_json, settings, stdout
+from automator.errors import ConfigError
+from automator.history.models import ModelCall
+from automator.llm import records
+from automator.llm.pricing import COST_QUANTUM, usd
+from automator.spec.durations import parse_duration
+
+GROUPS = ("workflow", "day", "step")
+
+
+def _since(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--since {text!r}: {exc}") from None
+
+
+def cost_rows(history: Any, since: timedelta, by: str) -> list[dict[str, Any]]:
+    """Spend since ``now - since``, grouped; cache hits are counted but cost nothing."""
+    if history.engine.dialect.name == "sqlite":
+        day_column = func.strftime("%Y-%m-%d", ModelCall.created_at)
+    else:
+        day_column = func.to_char(ModelCall.created_at, "YYYY-MM-DD")
+    keys = {
+        "workflow": [ModelCall.workflow],
+        "day": [day_column],
+        "step": [ModelCall.workflow, ModelCall.step_id],
+    }[by]
+    is_cached = ModelCall.status == "cached"
+    query = (
+        select(
+            *keys,
+            func.sum(case((is_cached, 0), else_=1)),
+            func.sum(case((is_cached, 1), else_=0)),
+            func.coalesce(func.sum(ModelCall.input_tokens), 0),
+            func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
+            func.coalesce(func.sum(ModelCall.output_tokens), 0),
+            func.coalesce(func.sum(ModelCall.cost_usd), 0),
+        )
+        .where(ModelCall.created_at >= records.since(since))
+        .group_by(*keys)
+        .order_by(*keys)
+    )
+    rows = []
+    with history._errors(), history.engine.connect() as conn:
+        for row in conn.execute(query):
+            group = list(row[: len(keys)])
+            calls, hits, inp, cached, out, cost = row[len(keys) :]
+            entry: dict[str, Any] = {}
+            if by == "step":
+                entry["workflow"], entry["step"] = group
+            else:
+                entry[by] = group[0]
+            entry.update(
+                calls=int(calls or 0),
+                cache_hits=int(hits or 0),
+                input_tokens=int(inp),
+                cached_input_tokens=int(cached),
+                output_tokens=int(out),
+                cost_usd=str(Decimal(str(cost)).quantize(COST_QUANTUM)),
+            )
+            rows.append(entry)
+    return rows
+
+
+@click.command()
+@click.option("--since", "since_text", default="7d", show_default=True, help="How far back: 24h, 7d, 30d, ...")
+@click.option("--by", type=click.Choice(GROUPS), default="workflow", show_default=True, help="Group the spend by.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list; cost_usd is an exact decimal string.")
+@click.pass_context
+def costs(ctx: click.Context, since_text: str, by: str, as_json: bool) -> None:
+    """What model calls cost (tokens in, cached, out; USD), per workflow, day or step."""
+    since = _since(since_text)
+    rows = cost_rows(settings(ctx).history(), since, by)
+    if as_json:
+        echo_json(rows)
+        return
+    table = Table(title=f"Model spend, last {since_text}", title_justify="left")
+    columns = ["workflow", "step"] if by == "step" else [by]
+    for name in (*columns, "calls", "cache hits", "input", "cached", "output", "cost"):
+        table.add_column(name, justify="right" if name not in columns else "left")
+    total = Decimal(0)
+    for row in rows:
+        total += Decimal(row["cost_usd"])
+        table.add_row(
+            *(str(row[c]) for c in columns),
+            f"{row['calls']:,}",
+            f"{row['cache_hits']:,}",
+            f"{row['input_tokens']:,}",
+            f"{row['cached_input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            usd(Decimal(row["cost_usd"])),
+        )
+    if not rows:
+        stdout.print(f"no model calls in the last {since_text}", markup=False)
+        return
+    stdout.print(table)
+    stdout.print(f"total: {usd(total)}", markup=False)

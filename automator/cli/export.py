@@ -1,0 +1,79 @@
+"""``automator export finetune``: chat fine-tuning JSONL from a step's delivered items."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import and_, select
+
+from automator.cli.common import settings, stderr
+from automator.errors import ConfigError
+from automator.history.models import LedgerItem, ModelCall
+
+MIN_EXAMPLES = 10  # OpenAI refuses smaller training files
+
+
+def finetune_examples(history: Any, workflow: str, step_id: str) -> list[dict[str, Any]]:
+    """One {"messages": [...]} per delivered item whose prompt and validated answer were kept."""
+    query = (
+        select(ModelCall.prompt, ModelCall.response)
+        .join(
+            LedgerItem,
+            and_(LedgerItem.run_id == ModelCall.run_id, LedgerItem.seq == ModelCall.item_seq),
+        )
+        .where(
+            ModelCall.workflow == workflow,
+            ModelCall.step_id == step_id,
+            ModelCall.status == "ok",
+            ModelCall.prompt.is_not(None),
+            LedgerItem.outcome == "delivered",
+        )
+        .order_by(ModelCall.id)
+    )
+    seen: set[str] = set()
+    examples = []
+    with history._errors(), history.engine.connect() as conn:
+        for prompt, response in conn.execute(query):
+            if not isinstance(prompt, list) or response is None:
+                continue
+            example = {"messages": [*prompt, {"role": "assistant", "content": response}]}
+            text = json.dumps(example, ensure_ascii=False, sort_keys=True)
+            if text not in seen:
+                seen.add(text)
+                examples.append(example)
+    return examples
+
+
+@click.group("export")
+def export() -> None:
+    """Export data from the run history."""
+
+
+@export.command("finetune")
+@click.option("--workflow", required=True, help="The workflow whose model step to learn from.")
+@click.option("--step", "step_id", required=True, help="The openai.transform step (with store_prompts: true).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here (default: stdout).")
+@click.pass_context
+def finetune(ctx: click.Context, workflow: str, step_id: str, output: Path | None) -> None:
+    """Chat fine-tuning JSONL ({"messages": [system, user, assistant]}) from delivered items."""
+    examples = finetune_examples(settings(ctx).history(), workflow, step_id)
+    if not examples:
+        raise ConfigError(
+            f"no delivered items with kept prompts for {workflow} / {step_id}",
+            hint="set store_prompts: true on the step and run it; only delivered items are exported",
+        )
+    text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        stderr.print(f"wrote {len(examples)} example(s) to {output}", markup=False)
+    if len(examples) < MIN_EXAMPLES:
+        stderr.print(
+            f"warning: {len(examples)} example(s); fine-tuning needs at least {MIN_EXAMPLES} (50-100 to see gains)",
+            markup=False,
+        )

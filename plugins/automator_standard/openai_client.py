@@ -1,0 +1,157 @@
+"""One chat completion over the official SDK, and what its failures mean.
+
+The SDK's own retries are off (``max_retries=0``): every attempt, failed or not, is
+recorded with its tokens and cost, so the step retries itself and honours
+``retry-after``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+
+from automator.errors import StepError
+
+RETRYABLE_STATUS = {408, 409, 429}
+
+
+@dataclass
+class Reply:
+    """What the model answered to one request."""
+
+    content: str | None
+    refusal: str | None
+    finish_reason: str | None
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    request_id: str | None
+    latency_ms: int
+    headers: dict[str, str]
+    model: str | None = None
+
+
+class CallFailed(Exception):  # noqa: N818 - one failed attempt, classified
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+        latency_ms: int = 0,
+        headers: dict[str, str] | None = None,
+        too_long: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        self.request_id = request_id
+        self.latency_ms = latency_ms
+        self.headers = headers or {}
+        self.too_long = too_long
+
+
+def make_client(*, api_key: str | None, base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
+    try:
+        return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+    except openai.OpenAIError as exc:
+        raise StepError(
+            f"cannot set up the OpenAI client: {exc}",
+            retryable=False,
+            hint="export OPENAI_API_KEY, or give api_key: '{{ secrets.NAME }}' in the step",
+        ) from None
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def _error_text(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        detail = body.get("error", body)
+        if isinstance(detail, dict) and detail.get("message"):
+            return str(detail["message"])
+    return exc.message
+
+
+async def complete(client: openai.AsyncOpenAI, params: dict[str, Any]) -> Reply:
+    """Send one chat completion; raises CallFailed, classified retryable or not."""
+    started = time.monotonic()
+
+    def elapsed() -> int:
+        return int((time.monotonic() - started) * 1000)
+
+    try:
+        raw = await client.chat.completions.with_raw_response.create(**params)
+        completion = raw.parse()
+    except openai.APIStatusError as exc:
+        headers = dict(exc.response.headers)
+        status = exc.status_code
+        text = _error_text(exc)
+        code = exc.body.get("code") if isinstance(exc.body, dict) else None
+        if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
+            code = exc.body["error"].get("code", code)
+        raise CallFailed(
+            f"the API answered {status}: {text}",
+            retryable=status >= 500 or status in RETRYABLE_STATUS,
+            status=status,
+            retry_after=retry_after(exc.response.headers),
+            request_id=exc.request_id,
+            latency_ms=elapsed(),
+            headers=headers,
+            too_long=code == "context_length_exceeded",
+        ) from None
+    except openai.APITimeoutError:
+        raise CallFailed("the request timed out", retryable=True, latency_ms=elapsed()) from None
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__ or exc
+        raise CallFailed(f"cannot reach the API: {cause}", retryable=True, latency_ms=elapsed()) from None
+    except (openai.APIResponseValidationError, ValueError) as exc:
+        raise CallFailed(f"the API's answer could not be read: {exc}", retryable=True, latency_ms=elapsed()) from None
+    headers = dict(raw.headers)
+    usage = completion.usage
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    choice = completion.choices[0] if completion.choices else None
+    message = choice.message if choice else None
+    return Reply(
+        content=message.content if message else None,
+        refusal=getattr(message, "refusal", None) if message else None,
+        finish_reason=choice.finish_reason if choice else None,
+        input_tokens=usage.prompt_tokens if usage else 0,
+        cached_input_tokens=(getattr(details, "cached_tokens", 0) or 0) if details else 0,
+        output_tokens=usage.completion_tokens if usage else 0,
+        request_id=raw.headers.get("x-request-id"),
+        latency_ms=elapsed(),
+        headers=headers,
+        model=completion.model,
+    )
