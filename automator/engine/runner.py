@@ -441,6 +441,8 @@ class Run:
         try:
             if bound.phase is Phase.DELIVER and type(step).deliver_batch is not None:
                 survivors = await self._deliver_batch(bound, step, caller, items)
+            elif bound.phase is Phase.TRANSFORM and getattr(step, "transform_batch", None) is not None:
+                survivors = await self._transform_batch(bound, step, items)
             else:
                 survivors = await self._each_item(bound, step, caller, items)
         finally:
@@ -519,6 +521,44 @@ class Run:
 
             await asyncio.gather(*(limited(i, item) for i, item in enumerate(items)))
         return [item for item in kept if item is not None]
+
+    async def _transform_batch(self, bound: BoundStep, step: Step[Any], items: list[Item]) -> list[Item]:
+        """All items through one call (a Batch API): one outcome per item, in order.
+
+        No retry or per-item timeout around it: the step owns both (a batch may take hours,
+        and calling it again must not submit the work twice).
+        """
+        if not items:
+            return []
+        try:
+            outcomes = step.transform_batch(items)  # type: ignore[attr-defined]
+            if inspect.isawaitable(outcomes):
+                outcomes = await outcomes
+            outcomes = list(outcomes)
+            if len(outcomes) != len(items):
+                raise StepError(f"{bound.type.name} returned {len(outcomes)} outcomes for {len(items)} items")
+        except Exception as exc:  # noqa: BLE001 - all the step's items fail, recorded
+            error = describe_error(exc)
+            for item in items:
+                self._end_item(item, "failed", bound.id, error, item.data)
+            return []
+        kept: list[Item] = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, SkipItem):
+                self._end_item(item, "skipped", bound.id, outcome.reason)
+            elif isinstance(outcome, QuarantineItem):
+                self._end_item(item, "quarantined", bound.id, outcome.reason, item.data)
+            elif isinstance(outcome, BaseException):
+                self._end_item(item, "failed", bound.id, describe_error(outcome), item.data)
+            elif outcome is None:
+                self._end_item(item, "skipped", bound.id, f"filtered out by {bound.id}")
+            else:
+                item.data = outcome if isinstance(outcome, dict) else {"value": outcome}
+                item.steps = {**item.steps, bound.id: item.data}
+                kept.append(item)
+        if self.progress is not None:
+            self.progress(bound.id, len(items), len(items))
+        return kept
 
     async def _deliver_batch(self, bound: BoundStep, step: Step[Any], caller: Caller, items: list[Item]) -> list[Item]:
         if not items:

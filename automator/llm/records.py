@@ -156,3 +156,10 @@ def open_batches(history: History, workflow: str, step_id: str) -> list[ModelBat
     )
     with history._errors(), history.session() as session:
         return list(session.scalars(query))
+
+
+def run_batches(history: History, run_id: int, step_id: str) -> list[ModelBatch]:
+    """The batches one step of one run submitted, collected or not (a resumed run finds them here)."""
+    query = select(ModelBatch).where(ModelBatch.run_id == run_id, ModelBatch.step_id == step_id).order_by(ModelBatch.id)
+    with history._errors(), history.session() as session:
+        return list(session.scalars(query))

@@ -5,6 +5,7 @@ A step type is a class with a ``name`` (``http.fetch``), a ``phase``, a pydantic
 
 - ``FetchStep.fetch()`` returns the run's items (a list or iterable of dicts);
 - ``TransformStep.transform(item)`` returns the item's new data (``None`` skips it);
+  or ``transform_batch(items)`` takes them all at once, one outcome per item;
 - ``ValidateStep.validate(item)`` returns nothing, or raises SkipItem/QuarantineItem/StepError;
 - ``DeliverStep.deliver(item)`` delivers one item; or ``deliver_batch(items)`` all at once.
 
@@ -118,6 +119,13 @@ class TransformStep(Step[ConfigT]):
 
     def transform(self, item: Item) -> Any:
         raise NotImplementedError
+
+    # A transform that takes all of a step's items at once (a Batch API, a bulk endpoint)
+    # sets this (on the class or the instance) to ``transform_batch(items)`` returning
+    # one outcome per item, in order: the new data, None (skipped), or a SkipItem,
+    # QuarantineItem or other exception instance (that outcome for that item alone).
+    # It is called once, without the step's retry and per-item timeout.
+    transform_batch: ClassVar[Any] = None
 
 
 class ValidateStep(Step[ConfigT]):

@@ -104,41 +104,35 @@ def _error_text(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
-async def complete(client: openai.AsyncOpenAI, params: dict[str, Any]) -> Reply:
-    """Send one chat completion; raises CallFailed, classified retryable or not."""
-    started = time.monotonic()
-
-    def elapsed() -> int:
-        return int((time.monotonic() - started) * 1000)
-
-    try:
-        raw = await client.chat.completions.with_raw_response.create(**params)
-        completion = raw.parse()
-    except openai.APIStatusError as exc:
-        headers = dict(exc.response.headers)
+def failure(exc: Exception, latency_ms: int = 0) -> CallFailed | None:
+    """What a failed SDK call means (retryable or not); None for an exception that is not the API's."""
+    if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        text = _error_text(exc)
         code = exc.body.get("code") if isinstance(exc.body, dict) else None
         if isinstance(exc.body, dict) and isinstance(exc.body.get("error"), dict):
             code = exc.body["error"].get("code", code)
-        raise CallFailed(
-            f"the API answered {status}: {text}",
+        return CallFailed(
+            f"the API answered {status}: {_error_text(exc)}",
             retryable=status >= 500 or status in RETRYABLE_STATUS,
             status=status,
             retry_after=retry_after(exc.response.headers),
             request_id=exc.request_id,
-            latency_ms=elapsed(),
-            headers=headers,
+            latency_ms=latency_ms,
+            headers=dict(exc.response.headers),
             too_long=code == "context_length_exceeded",
-        ) from None
-    except openai.APITimeoutError:
-        raise CallFailed("the request timed out", retryable=True, latency_ms=elapsed()) from None
-    except openai.APIConnectionError as exc:
+        )
+    if isinstance(exc, openai.APITimeoutError):
+        return CallFailed("the request timed out", retryable=True, latency_ms=latency_ms)
+    if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
-        raise CallFailed(f"cannot reach the API: {cause}", retryable=True, latency_ms=elapsed()) from None
-    except (openai.APIResponseValidationError, ValueError) as exc:
-        raise CallFailed(f"the API's answer could not be read: {exc}", retryable=True, latency_ms=elapsed()) from None
-    headers = dict(raw.headers)
+        return CallFailed(f"cannot reach the API: {cause}", retryable=True, latency_ms=latency_ms)
+    if isinstance(exc, openai.APIResponseValidationError | ValueError):
+        return CallFailed(f"the API's answer could not be read: {exc}", retryable=True, latency_ms=latency_ms)
+    return None
+
+
+def reply_from(completion: Any, *, headers: dict[str, str], request_id: str | None, latency_ms: int) -> Reply:
+    """A Reply from a parsed ChatCompletion (a sync answer, or one line of a batch's output)."""
     usage = completion.usage
     details = getattr(usage, "prompt_tokens_details", None) if usage else None
     choice = completion.choices[0] if completion.choices else None
@@ -150,8 +144,28 @@ async def complete(client: openai.AsyncOpenAI, params: dict[str, Any]) -> Reply:
         input_tokens=usage.prompt_tokens if usage else 0,
         cached_input_tokens=(getattr(details, "cached_tokens", 0) or 0) if details else 0,
         output_tokens=usage.completion_tokens if usage else 0,
-        request_id=raw.headers.get("x-request-id"),
-        latency_ms=elapsed(),
+        request_id=request_id,
+        latency_ms=latency_ms,
         headers=headers,
         model=completion.model,
+    )
+
+
+async def complete(client: openai.AsyncOpenAI, params: dict[str, Any]) -> Reply:
+    """Send one chat completion; raises CallFailed, classified retryable or not."""
+    started = time.monotonic()
+
+    def elapsed() -> int:
+        return int((time.monotonic() - started) * 1000)
+
+    try:
+        raw = await client.chat.completions.with_raw_response.create(**params)
+        completion = raw.parse()
+    except (openai.OpenAIError, ValueError) as exc:
+        failed = failure(exc, elapsed())
+        if failed is None:
+            raise
+        raise failed from None
+    return reply_from(
+        completion, headers=dict(raw.headers), request_id=raw.headers.get("x-request-id"), latency_ms=elapsed()
     )

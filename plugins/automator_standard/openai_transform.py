@@ -24,6 +24,7 @@ from automator.llm import budget as budgets
 from automator.llm import pricing, records, tokens
 from automator.llm.limiter import RateLimiter
 from automator.llm.schema import OutputSchema, SchemaProblem, build
+from automator_standard.openai_batch import BatchTransform
 from automator_standard.openai_client import CallFailed, Reply, complete, make_client
 from automator_standard.openai_prompt import (
     Image,
@@ -108,7 +109,9 @@ class OpenAITransformConfig(StepConfig):
         1024, ge=1, le=16_384, description="The answer's limit (gpt-4o-mini: at most 16,384)."
     )
     temperature: float = Field(0.0, ge=0, le=2)
-    mode: Literal["sync", "batch"] = Field("sync", description="sync: call per item (batch: not available yet).")
+    mode: Literal["sync", "batch"] = Field(
+        "sync", description="sync: a call per item; batch: all items through the Batch API at half price."
+    )
     cache: bool | None = Field(
         None, description="Answer identical requests from the response cache (default: on at temperature 0)."
     )
@@ -128,13 +131,12 @@ class OpenAITransformConfig(StepConfig):
     context_window: int | None = Field(None, ge=1, description="Of a model the seed table does not know.")
     prompt_cache_key: str | None = Field(None, description="Groups requests for OpenAI's prompt cache.")
     batch_poll_interval: Duration = Field(timedelta(seconds=30), description="mode: batch: how often to poll.")
-    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="mode: batch: requests per batch.")
+    batch_max_requests: int = Field(
+        50_000, ge=1, le=50_000, description="mode: batch: requests per batch (also split at 200 MB per input file)."
+    )
 
     @model_validator(mode="after")
     def _fits_model(self) -> OpenAITransformConfig:
-        if self.mode == "batch":
-            # refused rather than quietly run per item at full price
-            raise ValueError("mode: batch is not available yet in this version; use mode: sync")
         window = self.context_window or pricing.facts(self.model).context_window
         if self.max_output_tokens >= window:
             raise ValueError(f"max_output_tokens {self.max_output_tokens} leaves no room in a {window}-token context")
@@ -165,8 +167,13 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         self._instructions: str | None = None
         self._inflight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._fatal: str | None = None
-        self.stats = {"calls": 0, "cached": 0, "retries": 0, "repairs": 0, "rate_limited": 0}
+        self.stats = {"calls": 0, "cached": 0, "retries": 0, "repairs": 0, "rate_limited": 0, "batches": 0}
         self.cost = Decimal(0)
+
+    @property
+    def transform_batch(self) -> Any:
+        """mode: batch: the runner hands over all items at once (see openai_batch)."""
+        return BatchTransform(self).run if self.config.mode == "batch" else None
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -289,8 +296,8 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             answer = await self._answer_once(item, key, prompt, prompt_tokens)
         return self.result(item, answer["content"])
 
-    async def _cached(self, item: Item, key: str) -> dict[str, Any] | None:
-        if not self.reads_cache:
+    async def _cached(self, item: Item, key: str, *, force: bool = False) -> dict[str, Any] | None:
+        if not (self.reads_cache or force):
             return None
         waiting = self._inflight.get(key)
         found = await asyncio.shield(waiting) if waiting is not None else None
@@ -319,12 +326,23 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             future.set_result(answer)
             self._inflight.pop(key, None)
 
-    async def _ask(self, item: Item, prompt: Prompt, prompt_tokens: int) -> dict[str, Any]:
-        """Ask until an answer is accepted, re-asking with the problem fed back; quarantine after that."""
-        messages = prompt.messages
-        attempt = 0
+    async def _ask(
+        self,
+        item: Item,
+        prompt: Prompt,
+        prompt_tokens: int,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        first_repair: int = 0,
+        attempt: int = 0,
+    ) -> dict[str, Any]:
+        """Ask until an answer is accepted, re-asking with the problem fed back; quarantine after that.
+
+        A batch answer that was rejected continues here at ``first_repair`` 1, its repair turns in ``messages``.
+        """
+        messages = messages or prompt.messages
         problem = ""
-        for repair in range(self.config.max_repairs + 1):
+        for repair in range(first_repair, self.config.max_repairs + 1):
             if repair:
                 self.stats["repairs"] += 1
                 prompt_tokens = self.count(prompt, messages)
@@ -503,6 +521,8 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             parts.append(f"{s['retries']} retried")
         if s["repairs"]:
             parts.append(f"{s['repairs']} re-asked")
+        if s["batches"]:
+            parts.insert(1, f"{s['batches']} batch(es) at Batch API prices")
         if s["rate_limited"]:
             parts.append(f"{s['rate_limited']} rate-limited (429)")
         if not pricing.is_priced(self.config.model) and self.config.prices is None:

@@ -5,12 +5,14 @@ It speaks chat completions (structured outputs included), files and batches, rep
 steps from 1,024 tokens, like OpenAI's), enforces requests- and tokens-per-minute limits
 with ``x-ratelimit-*`` headers and 429 + ``retry-after``, and misbehaves on request.
 
-Misbehaviour, two ways:
+Misbehaviour, three ways:
 
 - ``server.script("500", "429", ...)``: the next requests get these, in order;
 - a marker in a prompt: ``!!refuse!!`` always, ``!!500*2!!`` the first 2 times that
   exact prompt is seen. Kinds: 500, 503, 429, 400, slow, length, refuse, filter,
-  badjson, badschema.
+  badjson, badschema. In a batch, 500 and 400 become error-file lines;
+- ``server.batch_end = "failed" | "expired"``: how the next batches end (failed: nothing
+  answered; expired: the first half answered, the rest ``batch_expired``).
 
 Answers are deterministic: an enum takes the first of its values that the prompt
 mentions (else the first), strings echo the start of the item's text, numbers take
@@ -194,6 +196,8 @@ class FakeOpenAI:
         self.api_key: str | None = None
         self.cache_prompts = True
         self.batch_delay_s = 0.2
+        # how batches end: completed | failed (nothing answered) | expired (the first half answered)
+        self.batch_end = "completed"
         self._script: list[str] = []
         self._seen: Counter[str] = Counter()
         self._prefixes: set[str] = set()
@@ -210,6 +214,10 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def batch_creations(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["path"] == "/v1/batches"]
 
     @property
     def completions(self) -> list[dict[str, Any]]:
@@ -480,8 +488,32 @@ class FakeOpenAI:
 
     def _finish_batch(self, batch_id: str) -> None:
         batch = self.batches[batch_id]
+        if self.batch_end == "failed":
+            batch.data.update(
+                status="failed",
+                failed_at=int(time.time()),
+                errors={
+                    "object": "list",
+                    "data": [{"code": "invalid_request", "message": "injected batch failure", "param": None}],
+                },
+            )
+            return
         out, errors = [], []
-        for line in batch.lines:
+        answered = len(batch.lines) // 2 if self.batch_end == "expired" else len(batch.lines)
+        for number, line in enumerate(batch.lines):
+            if number >= answered:
+                errors.append(
+                    {
+                        "id": f"batch_req_{uuid.uuid4().hex[:16]}",
+                        "custom_id": line["custom_id"],
+                        "response": None,
+                        "error": {
+                            "code": "batch_expired",
+                            "message": "This request could not be executed before the completion window expired.",
+                        },
+                    }
+                )
+                continue
             body = line["body"]
             fault = self._fault(body)
             if fault in ("500", "400"):
@@ -515,7 +547,7 @@ class FakeOpenAI:
         output_id = f"file-{uuid.uuid4().hex[:24]}"
         self.files[output_id] = "".join(json.dumps(o) + "\n" for o in out).encode()
         batch.data.update(
-            status="completed",
+            status="expired" if self.batch_end == "expired" else "completed",
             output_file_id=output_id,
             completed_at=int(time.time()),
             request_counts={"total": len(batch.lines), "completed": len(out), "failed": len(errors)},

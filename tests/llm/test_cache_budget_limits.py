@@ -164,7 +164,7 @@ def test_token_counts_match_what_the_api_bills(fake_openai: FakeOpenAI, run_flow
         ("output: {schema: {type: object, properties: {a: {type: string}}, allOf: [{}]}}", "allOf is not supported"),
         ("output: {schema: {a: strin}}", "unknown type 'strin'"),
         ("mode: stream", "'sync' or 'batch'"),
-        ("mode: batch", "mode: batch is not available yet"),
+        ("batch_max_requests: 60000", "less than or equal to 50000"),
     ],
 )
 def test_bad_settings_are_found_when_the_file_is_loaded(llm_plugins, tmp_path: Path, setting, message) -> None:
