@@ -278,9 +278,12 @@ def db_current(ctx: click.Context) -> None:
 
 # --- commands from other modules ---
 from automator.cli.costs import costs  # noqa: E402
+from automator.cli.daemon import daemon, trigger  # noqa: E402
 from automator.cli.export import export  # noqa: E402
 
 cli.add_command(costs)
+cli.add_command(daemon)
+cli.add_command(trigger)
 cli.add_command(export)
 
 

@@ -1,0 +1,281 @@
+"""The daemon's SQL: schedule state, manual trigger requests, skipped fires, recoveries.
+
+The run history itself (runs, steps, the ledger) is written by the engine through
+:class:`automator.history.store.History`; this module adds what only the daemon needs,
+on the same engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from automator.history.daemon_models import RunRecovery, ScheduleState, TriggerRequest
+from automator.history.models import LedgerItem, Run
+from automator.history.store import COUNT_FIELDS, History, now
+
+FIRE_TRIGGERS = ("schedule", "catch_up")
+
+
+@dataclass(frozen=True)
+class RunningRun:
+    id: int
+    workflow: str
+    version: str
+    owner: str | None
+    started_at: datetime
+    heartbeat_at: datetime | None
+
+
+class DaemonStore:
+    def __init__(self, history: History) -> None:
+        self.history = history
+        self.engine = history.engine
+
+    def _errors(self) -> Any:
+        return self.history._errors()
+
+    # -- schedule state ---------------------------------------------------------------
+
+    def last_fires(self) -> dict[str, tuple[datetime | None, datetime]]:
+        """Per workflow: (last fire handled, registered at)."""
+        with self._errors(), self.engine.connect() as conn:
+            rows = conn.execute(select(ScheduleState.workflow, ScheduleState.last_fire_at, ScheduleState.registered_at))
+            return {name: (last, registered) for name, last, registered in rows}
+
+    def last_scheduled_run(self, workflow: str) -> datetime | None:
+        """The newest ``scheduled_for`` among the workflow's scheduled runs (a second opinion)."""
+        with self._errors(), self.engine.connect() as conn:
+            return conn.execute(
+                select(func.max(Run.scheduled_for)).where(Run.workflow == workflow, Run.trigger.in_(FIRE_TRIGGERS))
+            ).scalar()
+
+    def register(self, workflow: str, schedule: str) -> datetime:
+        """Make sure the workflow has a state row; returns when it was first registered."""
+        stamp = now()
+        with self._errors(), self.engine.begin() as conn:
+            found = conn.execute(
+                select(ScheduleState.registered_at).where(ScheduleState.workflow == workflow)
+            ).scalar_one_or_none()
+            if found is not None:
+                conn.execute(
+                    update(ScheduleState)
+                    .where(ScheduleState.workflow == workflow)
+                    .values(schedule=schedule, updated_at=stamp)
+                )
+                return found
+            conn.execute(
+                insert(ScheduleState).values(
+                    workflow=workflow, last_fire_at=None, registered_at=stamp, schedule=schedule, updated_at=stamp
+                )
+            )
+            return stamp
+
+    def save_fires(self, fires: dict[str, datetime]) -> None:
+        """Remember the last fire handled per workflow (one transaction for all)."""
+        if not fires:
+            return
+        stamp = now()
+        with self._errors(), self.engine.begin() as conn:
+            for workflow, fired in fires.items():
+                conn.execute(
+                    update(ScheduleState)
+                    .where(ScheduleState.workflow == workflow)
+                    .values(last_fire_at=fired, updated_at=stamp)
+                )
+
+    # -- runs the daemon records itself -------------------------------------------------
+
+    def record_skipped(
+        self,
+        *,
+        workflow: str,
+        version: str,
+        path: str,
+        trigger: str,
+        scheduled_for: datetime | None,
+        reason: str,
+        owner: str,
+    ) -> int:
+        """A fire that did not run (overlap, full queue): a run row with status ``skipped``."""
+        stamp = now()
+        with self._errors(), self.engine.begin() as conn:
+            result = conn.execute(
+                insert(Run).values(
+                    workflow=workflow,
+                    workflow_version=version,
+                    workflow_path=path,
+                    trigger=trigger,
+                    status="skipped",
+                    scheduled_for=scheduled_for,
+                    started_at=stamp,
+                    finished_at=stamp,
+                    owner=owner,
+                    error=reason,
+                    params={},
+                    **dict.fromkeys(COUNT_FIELDS, 0),
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def heartbeat(self, run_ids: Sequence[int]) -> None:
+        if not run_ids:
+            return
+        with self._errors(), self.engine.begin() as conn:
+            conn.execute(update(Run).where(Run.id.in_(list(run_ids))).values(heartbeat_at=now()))
+
+    # -- crash recovery ---------------------------------------------------------------
+
+    def running_runs(self) -> list[RunningRun]:
+        query = select(Run.id, Run.workflow, Run.workflow_version, Run.owner, Run.started_at, Run.heartbeat_at).where(
+            Run.status == "running"
+        )
+        with self._errors(), self.engine.connect() as conn:
+            return [RunningRun(*row) for row in conn.execute(query)]
+
+    def mark_crashed(self, run: RunningRun, *, detected_by: str, reason: str) -> bool:
+        """running → crashed, if nobody else got there first; records the recovery."""
+        with self._errors(), self.engine.begin() as conn:
+            changed = conn.execute(
+                update(Run)
+                .where(Run.id == run.id, Run.status == "running", Run.owner == run.owner)
+                .values(status="crashed", error=reason)
+            ).rowcount
+            if changed:
+                conn.execute(
+                    insert(RunRecovery).values(
+                        run_id=run.id,
+                        detected_at=now(),
+                        detected_by=detected_by,
+                        previous_owner=run.owner,
+                        action="detected",
+                        reason=reason,
+                    )
+                )
+            return bool(changed)
+
+    def claim_for_resume(self, run_id: int, owner: str) -> bool:
+        """crashed → running under ``owner`` (atomic: two daemons never resume the same run)."""
+        stamp = now()
+        with self._errors(), self.engine.begin() as conn:
+            changed = conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "crashed")
+                .values(status="running", owner=owner, heartbeat_at=stamp, error=None, finished_at=None)
+            ).rowcount
+            if changed:
+                conn.execute(
+                    insert(RunRecovery).values(
+                        run_id=run_id, detected_at=stamp, detected_by=owner, action="resumed", reason=None
+                    )
+                )
+            return bool(changed)
+
+    def end_run(self, run_id: int, *, status: str, reason: str, by: str | None = None) -> None:
+        """Close a run the engine could not close: pending items fail, counts are recounted."""
+        stamp = now()
+        with self._errors(), self.engine.begin() as conn:
+            conn.execute(
+                update(LedgerItem)
+                .where(LedgerItem.run_id == run_id, LedgerItem.outcome == "pending")
+                .values(outcome="failed", reason=f"not processed: {reason}", updated_at=stamp)
+            )
+            counts = dict.fromkeys(COUNT_FIELDS, 0)
+            for outcome, count in conn.execute(
+                select(LedgerItem.outcome, func.count()).where(LedgerItem.run_id == run_id).group_by(LedgerItem.outcome)
+            ):
+                counts["fetched"] += count
+                if outcome in counts:
+                    counts[outcome] = count
+            conn.execute(
+                update(Run)
+                .where(Run.id == run_id)
+                .values(status=status, error=reason, finished_at=stamp, heartbeat_at=stamp, **counts)
+            )
+            if by is not None:
+                conn.execute(
+                    insert(RunRecovery).values(
+                        run_id=run_id, detected_at=stamp, detected_by=by, action="failed", reason=reason
+                    )
+                )
+
+    def recoveries(self, run_id: int) -> list[tuple[str, str | None]]:
+        with self._errors(), self.engine.connect() as conn:
+            rows = conn.execute(
+                select(RunRecovery.action, RunRecovery.reason)
+                .where(RunRecovery.run_id == run_id)
+                .order_by(RunRecovery.id)
+            )
+            return [(action, reason) for action, reason in rows]
+
+    # -- manual triggers --------------------------------------------------------------
+
+    def request_trigger(self, workflow: str, params: dict[str, Any]) -> int:
+        with self._errors(), self.engine.begin() as conn:
+            result = conn.execute(
+                insert(TriggerRequest).values(workflow=workflow, params=params, status="pending", requested_at=now())
+            )
+            return int(result.inserted_primary_key[0])
+
+    def pending_requests(self) -> list[TriggerRequest]:
+        with self._errors(), self.history.session() as session:
+            return list(
+                session.scalars(
+                    select(TriggerRequest).where(TriggerRequest.status == "pending").order_by(TriggerRequest.id)
+                )
+            )
+
+    def claim_request(self, request_id: int, owner: str) -> bool:
+        with self._errors(), self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(TriggerRequest)
+                    .where(TriggerRequest.id == request_id, TriggerRequest.status == "pending")
+                    .values(status="claimed", claimed_at=now(), claimed_by=owner)
+                ).rowcount
+            )
+
+    def settle_request(
+        self, request_id: int, *, status: str, run_id: int | None = None, error: str | None = None
+    ) -> None:
+        with self._errors(), self.engine.begin() as conn:
+            conn.execute(
+                update(TriggerRequest)
+                .where(TriggerRequest.id == request_id)
+                .values(status=status, run_id=run_id, error=error)
+            )
+
+    def get_request(self, request_id: int) -> TriggerRequest | None:
+        with self._errors(), self.history.session() as session:
+            return session.get(TriggerRequest, request_id)
+
+    def cancel_request(self, request_id: int) -> bool:
+        """pending → cancelled; False when a daemon claimed it meanwhile."""
+        with self._errors(), self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(TriggerRequest)
+                    .where(TriggerRequest.id == request_id, TriggerRequest.status == "pending")
+                    .values(status="cancelled")
+                ).rowcount
+            )
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached (for /healthz)."""
+        with self._errors(), self.engine.connect() as conn:
+            conn.execute(select(1))
+
+
+def chunks(values: Iterable[int], size: int) -> Iterable[list[int]]:
+    batch: list[int] = []
+    for value in values:
+        batch.append(value)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

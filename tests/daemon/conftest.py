@@ -1,0 +1,196 @@
+"""The real daemon as a subprocess, a webhook receiver on loopback, and small waiting helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from automator.history.store import History
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll until ``condition()`` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DaemonProcess:
+    """``automator daemon`` in a subprocess, logging JSON lines to a file."""
+
+    def __init__(self, workflows: Path, database_url: str, log_path: Path, *extra: str) -> None:
+        self.workflows = workflows
+        self.database_url = database_url
+        self.log_path = log_path
+        self.extra = extra
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> DaemonProcess:
+        env = {**os.environ, "AUTOMATOR_DATABASE_URL": self.database_url}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "automator.cli.main",
+                    "daemon",
+                    "--workflows",
+                    str(self.workflows),
+                    "--http",
+                    f"127.0.0.1:{self.port}",
+                    "--log-format",
+                    "json",
+                    *self.extra,
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+        wait_for(self.healthy, 20, "the daemon's /healthz")
+        return self
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+        try:
+            return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                lines.append({"message": line, "level": "raw"})
+        return lines
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def workflows(tmp_path: Path) -> Path:
+    folder = tmp_path / "project" / "workflows"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.fixture
+def write(workflows: Path) -> Callable[..., Path]:
+    def write(name: str, text: str) -> Path:
+        path = workflows / name
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def start_daemon(workflows: Path, history_url: str, tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(*extra: str) -> DaemonProcess:
+        daemon = DaemonProcess(workflows, history_url, tmp_path / "daemon.log", *extra)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.close()
+
+
+@pytest.fixture
+def read_history(history_url: str) -> Iterator[History]:
+    store = History(history_url)
+    yield store
+    store.close()
+
+
+class Receiver:
+    """A webhook receiver that dedupes by idempotency key, as a careful one does."""
+
+    def __init__(self, server: HTTPServer, delay: float = 0.0) -> None:
+        self.server = server
+        self.delay = delay
+        self.requests: list[tuple[str | None, Any]] = []
+        self.applied: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        server.expect_request("/hook").respond_with_handler(self._handle)
+
+    @property
+    def url(self) -> str:
+        return self.server.url_for("/hook")
+
+    def _handle(self, request: Request) -> Response:
+        if self.delay:
+            time.sleep(self.delay)
+        key = request.headers.get("Idempotency-Key")
+        body = request.get_json(silent=True)
+        with self._lock:
+            self.requests.append((key, body))
+            if key is not None:
+                self.applied.setdefault(key, body)
+        return Response("ok")
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+
+@pytest.fixture
+def http_server() -> Iterator[HTTPServer]:
+    server = HTTPServer(host="127.0.0.1", threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
