@@ -113,9 +113,12 @@ def main() -> list[tuple[str, str]]:
         folder = Path(tmp)
         make_items(folder)
         plain_loop(folder)  # warm imports and caches for both
-        plain = min(plain_loop(folder) for _ in range(3))
-        engine_times = [engine_run(folder)[0] for _ in range(3)]
-        engine = min(engine_times)
+        engine_run(folder)
+        plain_times, engine_times = [], []
+        for _ in range(5):  # interleaved, best of five: the least disturbed run of each
+            plain_times.append(plain_loop(folder))
+            engine_times.append(engine_run(folder)[0])
+        plain, engine = min(plain_times), min(engine_times)
     plain_rate, engine_rate = ITEMS / plain, ITEMS / engine
     overhead_us = (engine - plain) / ITEMS / STEPS * 1e6
     return [

@@ -31,6 +31,8 @@ from automator.spec.loader import BoundStep, Workflow
 ProgressCallback = Callable[[str, int, int], None]
 HEARTBEAT_SECONDS = 10.0
 FLUSH_EVERY = 500
+# deliveries are written down soon after they happen: a resumed run must not send them again
+DELIVERY_FLUSH_EVERY = 20
 
 
 @dataclass
@@ -97,6 +99,10 @@ class Run:
         self.active: list[Item] = []
         self.counts = {"fetched": 0, "delivered": 0, "skipped": 0, "quarantined": 0, "failed": 0}
         self._pending_outcomes: list[OutcomeRow] = []
+        self._pending_progress: list[tuple[int, list[str]]] = []
+        self._delivered_by: dict[int, list[str]] = {}  # item seq -> deliver steps it passed
+        self._step_delivered = 0
+        self._resumed = False
         self._ended: set[int] = set()
         self._first_failure: tuple[str, str] | None = None
         self._item_events = plugins.wants_item_events  # asked once: it is per item otherwise
@@ -124,9 +130,29 @@ class Run:
             self._flush()
 
     def _flush(self) -> None:
-        if self._pending_outcomes and self.context is not None:
+        if self.context is None:
+            return
+        if self._pending_progress:
+            progress, self._pending_progress = self._pending_progress, []
+            self.history.set_delivered_by(self.context.run_id, progress)
+        if self._pending_outcomes:
             rows, self._pending_outcomes = self._pending_outcomes, []
             self.history.set_outcomes(self.context.run_id, rows)
+
+    def _delivered(self, item: Item, bound: BoundStep, *, batch: bool = False) -> bool:
+        """An item reached a receiver: write it down now. True if that ended the item."""
+        self._step_delivered += 1
+        if bound is self.workflow.steps[-1]:
+            self._end_item(item, "delivered", bound.id, None, item.data)
+            ended = True
+        else:
+            passed = self._delivered_by.setdefault(item.seq, [])
+            passed.append(bound.id)
+            self._pending_progress.append((item.seq, list(passed)))
+            ended = False
+        if not batch and len(self._pending_outcomes) + len(self._pending_progress) >= DELIVERY_FLUSH_EVERY:
+            self._flush()
+        return ended
 
     # -- running ----------------------------------------------------------------------
 
@@ -157,10 +183,13 @@ class Run:
         if record is None:
             raise HistoryError(f"no run with id {run_id} to resume")
         self.trigger = record.trigger
+        self._resumed = True
         self.scheduled_for = record.scheduled_for
         self.params = dict(record.params or {})
         for row in self.history.items(run_id):
             item = Item(seq=row.seq, data=row.data, key=row.key, steps={row.fetched_by: row.data})
+            if row.delivered_by:
+                self._delivered_by[row.seq] = list(row.delivered_by)
             self.items.append(item)
             if row.outcome == "pending":
                 self.active.append(item)
@@ -179,6 +208,7 @@ class Run:
             started_at=started_at,
             version=wf.version,
             scheduled_for=self.scheduled_for,
+            resumed=self._resumed,
         )
         self.context = ctx = RunContext(wf, self.plugins, self.history, info, self.params)
         self.plugins.run_started(RunStarted(info))
@@ -438,17 +468,26 @@ class Run:
         items = self.active
         attempt_id, started = self._step_started(bound, len(items))
         survivors: list[Item] = []
+        failed_before = self.counts["failed"]
+        self._step_delivered = 0
+        # a resumed run: items this deliver step already sent before the crash pass by
+        sent = [i for i in items if bound.id in self._delivered_by.get(i.seq, ())]
+        todo = [i for i in items if bound.id not in self._delivered_by.get(i.seq, ())] if sent else items
         try:
             if bound.phase is Phase.DELIVER and type(step).deliver_batch is not None:
-                survivors = await self._deliver_batch(bound, step, caller, items)
+                survivors = await self._deliver_batch(bound, step, caller, todo)
             elif bound.phase is Phase.TRANSFORM and getattr(step, "transform_batch", None) is not None:
-                survivors = await self._transform_batch(bound, step, items)
+                survivors = await self._transform_batch(bound, step, todo)
             else:
-                survivors = await self._each_item(bound, step, caller, items)
+                survivors = await self._each_item(bound, step, caller, todo)
         finally:
             await step.close()
+            self._flush()
+        if sent:
+            survivors = sorted([*sent, *survivors], key=lambda i: i.seq)
         self.active = survivors
-        failed_here = len(items) - len(survivors)
+        failed_here = self.counts["failed"] - failed_before
+        items_out = len(survivors) + (self._step_delivered if bound is self.workflow.steps[-1] else 0)
         summary = step.summary()
         if summary:
             self.summaries.append((bound.id, summary))
@@ -459,11 +498,11 @@ class Run:
             status="succeeded",
             error=None,
             items_in=len(items),
-            items_out=len(survivors),
+            items_out=items_out,
             retries=caller.retries,
             summary=summary,
         )
-        if failed_here and self.workflow.spec.on_item_error == "stop" and self.counts["failed"]:
+        if failed_here and self.workflow.spec.on_item_error == "stop":
             assert self._first_failure is not None
             raise _StopRun(f"an item failed and on_item_error is stop: {self._first_failure[1]}", bound.id)
 
@@ -503,6 +542,8 @@ class Run:
                         return
                     item.data = result if isinstance(result, dict) else {"value": result}
                 item.steps = {**item.steps, bound.id: item.data}
+                if bound.phase is Phase.DELIVER and self._delivered(item, bound):
+                    return
                 kept[index] = item
             finally:
                 done += 1
@@ -570,11 +611,14 @@ class Run:
             for item in items:
                 self._end_item(item, "failed", bound.id, error, item.data)
             return []
+        kept = []
         for item in items:
             item.steps = {**item.steps, bound.id: item.data}
+            if not self._delivered(item, bound, batch=True):
+                kept.append(item)
         if self.progress is not None:
             self.progress(bound.id, len(items), len(items))
-        return list(items)
+        return kept
 
     @staticmethod
     def _timeout_text(exc: BaseException, caller: Caller) -> str | None:

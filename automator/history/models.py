@@ -111,6 +111,8 @@ class LedgerItem(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     data: Mapped[Any] = mapped_column(JSON)  # the item as fetched
     result: Mapped[Any | None] = mapped_column(JSON)  # the item as it ended (delivered or quarantined)
+    # deliver steps the item passed while still pending: a resumed run does not send it again
+    delivered_by: Mapped[list[str] | None] = mapped_column(JSON)
     updated_at: Mapped[datetime | None]
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from automator.history import db
@@ -20,6 +21,28 @@ COUNT_FIELDS = ("fetched", *OUTCOMES)
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode  # built once: it is per item
+
+
+def _db_json(value: Any) -> str:
+    return _JSON(value)
+
+
+def _db_datetime(value: datetime, dialect: str) -> Any:
+    # what UTCDateTime stores: naive UTC text on SQLite, an aware datetime elsewhere
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f") if dialect == "sqlite" else value
+
+
+def _executemany(conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> None:
+    """Many rows through the DB-API driver at once; values must already be in database form."""
+    compiled = statement.compile(dialect=conn.dialect, column_keys=list(rows[0]))
+    if compiled.positional:
+        names = compiled.positiontup or []
+        conn.exec_driver_sql(compiled.string, [tuple(row[n] for n in names) for row in rows])
+    else:
+        conn.exec_driver_sql(compiled.string, rows)
 
 
 @dataclass(frozen=True)
@@ -161,12 +184,19 @@ class History:
 
     # -- the item ledger --------------------------------------------------------------
 
+    # The ledger is written once per item, twice per run: these go straight to the driver's
+    # executemany (SQLAlchemy's per-row parameter handling cost more than the database).
+
+    def _stamp(self, conn: Connection) -> Any:
+        return _db_datetime(now(), conn.dialect.name)
+
     def add_items(self, run_id: int, workflow: str, rows: Sequence[ItemRow]) -> None:
         if not rows:
             return
-        stamp = now()
         with self._errors(), self.engine.begin() as conn:
-            conn.execute(
+            stamp = self._stamp(conn)
+            _executemany(
+                conn,
                 insert(LedgerItem),
                 [
                     {
@@ -176,7 +206,7 @@ class History:
                         "key": r.key,
                         "fetched_by": r.fetched_by,
                         "outcome": "pending",
-                        "data": r.data,
+                        "data": _db_json(r.data),
                         "updated_at": stamp,
                     }
                     for r in rows
@@ -184,32 +214,56 @@ class History:
             )
 
     def set_outcomes(self, run_id: int, rows: Iterable[OutcomeRow]) -> None:
-        params = [
-            {
-                "b_seq": r.seq,
-                "b_outcome": r.outcome,
-                "b_step": r.step_id,
-                "b_reason": r.reason,
-                "b_result": r.result,
-            }
-            for r in rows
-        ]
-        if not params:
+        rows = list(rows)
+        if not rows:
             return
-        stamp = now()
         statement = (
             update(LedgerItem)
-            .where(LedgerItem.run_id == run_id, LedgerItem.seq == bindparam("b_seq"))
+            .where(LedgerItem.run_id == bindparam("b_run"), LedgerItem.seq == bindparam("b_seq"))
             .values(
                 outcome=bindparam("b_outcome"),
                 step_id=bindparam("b_step"),
                 reason=bindparam("b_reason"),
-                result=bindparam("b_result", type_=LedgerItem.__table__.c.result.type),
-                updated_at=stamp,
+                result=bindparam("b_result"),
+                updated_at=bindparam("b_stamp"),
             )
         )
         with self._errors(), self.engine.begin() as conn:
-            conn.execute(statement, params)
+            stamp = self._stamp(conn)
+            _executemany(
+                conn,
+                statement,
+                [
+                    {
+                        "b_run": run_id,
+                        "b_seq": r.seq,
+                        "b_outcome": r.outcome,
+                        "b_step": r.step_id,
+                        "b_reason": r.reason,
+                        "b_result": None if r.result is None else _db_json(r.result),
+                        "b_stamp": stamp,
+                    }
+                    for r in rows
+                ],
+            )
+
+    def set_delivered_by(self, run_id: int, rows: Iterable[tuple[int, list[str]]]) -> None:
+        """Record which deliver steps items passed (items still pending, in a longer workflow)."""
+        rows = list(rows)
+        if not rows:
+            return
+        statement = (
+            update(LedgerItem)
+            .where(LedgerItem.run_id == bindparam("b_run"), LedgerItem.seq == bindparam("b_seq"))
+            .values(delivered_by=bindparam("b_steps"), updated_at=bindparam("b_stamp"))
+        )
+        with self._errors(), self.engine.begin() as conn:
+            stamp = self._stamp(conn)
+            _executemany(
+                conn,
+                statement,
+                [{"b_run": run_id, "b_seq": seq, "b_steps": _db_json(steps), "b_stamp": stamp} for seq, steps in rows],
+            )
 
     def delivered_keys(self, workflow: str, keys: Iterable[str]) -> dict[str, int]:
         """Which of ``keys`` an earlier run of ``workflow`` delivered, and in which run."""

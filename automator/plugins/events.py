@@ -22,6 +22,7 @@ class RunInfo:
     started_at: datetime  # UTC
     version: str  # hash of the workflow file the run used
     scheduled_for: datetime | None = None  # for scheduled runs: the time the schedule named
+    resumed: bool = False  # True when the run continues after its process died (on_crash: resume)
 
 
 @dataclass(frozen=True)

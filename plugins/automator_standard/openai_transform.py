@@ -182,7 +182,7 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         if self.config.cache is not None:
             return self.config.cache
         # a resumed run must not pay again for answers its crashed predecessor recorded
-        return self.config.temperature == 0 or self.context.info.trigger == "resume"
+        return self.config.temperature == 0 or self.context.info.resumed or self.context.info.trigger == "resume"
 
     async def client(self) -> Any:
         if self._client is None:

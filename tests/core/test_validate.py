@@ -336,4 +336,6 @@ def test_the_committed_schema_file_is_current(cli) -> None:
 
     committed = json.loads((REPO / "workflow.schema.json").read_text(encoding="utf-8"))
     result = cli("schema", "--builtin-only")
-    assert _outline(committed) == _outline(result.json()), "run: automator schema --builtin-only -o workflow.schema.json"
+    assert _outline(committed) == _outline(result.json()), (
+        "run: automator schema --builtin-only -o workflow.schema.json"
+    )

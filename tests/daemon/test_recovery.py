@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from automator.daemon.store import DaemonStore
@@ -151,8 +152,15 @@ def test_catch_up_after_downtime(workflows: Path, write, start_daemon, read_hist
     assert daemon.stop() == 0
     stopped_at = max(r.scheduled_for for r in read_history.list_runs(limit=100))
     time.sleep(3.2)
+    restarted = datetime.now(UTC)
     start_daemon()
-    wait_for(lambda: read_history.list_runs(workflow="catch-latest", limit=100)[0].trigger == "schedule", 10, "live")
+
+    def live_again() -> bool:
+        # a scheduled run that started after the restart: catch-up is decided before that
+        newest = read_history.list_runs(workflow="catch-latest", limit=1)[0]
+        return newest.trigger == "schedule" and newest.started_at > restarted
+
+    wait_for(live_again, 10, "live")
 
     def catch_ups(policy: str) -> list:
         runs = read_history.list_runs(workflow=f"catch-{policy}", limit=100)

@@ -1,0 +1,104 @@
+"""A run whose process is killed mid-way is resumed from its ledger: nothing is delivered twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from werkzeug import Request, Response
+
+from automator import History, load_plugins, load_workflow
+from automator.engine.runner import Run
+
+CRASHER = """
+import os, signal
+from pathlib import Path
+from automator import TransformStep, StepConfig, hookimpl
+
+class CrashConfig(StepConfig):
+    marker: str
+    at_seq: int
+
+class Crash(TransformStep[CrashConfig]):
+    name = "test.crash_once"
+
+    def transform(self, item):
+        marker = Path(self.config.marker)
+        if item.seq == self.config.at_seq and not marker.exists():
+            marker.write_text("crashed")
+            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no finally: a real crash
+        return item.data
+
+@hookimpl
+def register_step_types(register):
+    register(Crash)
+"""
+
+
+def test_kill_9_then_resume_delivers_each_item_once(tmp_path: Path, history_url: str, httpserver) -> None:
+    received: list[str] = []
+
+    def hook(request: Request) -> Response:
+        received.append(request.get_json()["id"])
+        return Response("ok")
+
+    httpserver.expect_request("/hook", method="POST").respond_with_handler(hook)
+    project = tmp_path / "project"
+    (project / "workflows").mkdir(parents=True)
+    (project / "plugins").mkdir()
+    (project / "plugins" / "crasher.py").write_text(textwrap.dedent(CRASHER))
+    (project / "workflows" / "items.jsonl").write_text("".join(json.dumps({"id": f"t{i}"}) + "\n" for i in range(30)))
+    marker = tmp_path / "crashed-once"
+    flow = project / "workflows" / "notify.yaml"
+    flow.write_text(
+        textwrap.dedent(
+            f"""
+            name: notify
+            steps:
+              - id: read
+                uses: file.fetch
+                with: {{path: items.jsonl}}
+                key: "{{{{ item.id }}}}"
+              - id: post
+                uses: webhook.deliver
+                concurrency: 1
+                with: {{url: "{httpserver.url_for("/hook")}"}}
+              - id: after
+                uses: test.crash_once
+                with: {{marker: "{marker}", at_seq: 7}}
+              - id: archive
+                uses: file.deliver
+                with: {{path: archive.jsonl}}
+            """
+        )
+    )
+    env = {**os.environ, "AUTOMATOR_DATABASE_URL": history_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "automator.cli.main", "run", str(flow)],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -9, done.stderr
+    assert sorted(received) == sorted(f"t{i}" for i in range(30))  # all posted before the crash
+
+    history = History(history_url)
+    crashed = history.list_runs()[0]
+    assert crashed.status == "running"  # nobody was left to say otherwise
+    assert {row.outcome for row in history.items(crashed.id)} == {"pending"}
+    assert all(row.delivered_by == ["post"] for row in history.items(crashed.id))
+
+    plugins = load_plugins(project / "plugins")
+    result = asyncio.run(Run(load_workflow(flow, plugins), history, plugins).resume(crashed.id))
+    assert result.status == "succeeded"
+    assert result.run_id == crashed.id
+    assert result.counts == {"fetched": 30, "delivered": 30, "skipped": 0, "quarantined": 0, "failed": 0}
+    assert len(received) == 30  # the webhook got nothing twice
+    assert len((project / "workflows" / "archive.jsonl").read_text().splitlines()) == 30
+    history.close()
