@@ -85,6 +85,9 @@ class Recovery:
             message = f"the run crashed ({reason}); not resumed: {why_not}"
             self.store.end_run(run.id, status="crashed", reason=message, by=self.me)
             log.warning("run %s of %s failed: %s", run.id, run.workflow, message, extra={"run_id": run.id})
+            if workflow is not None and workflow.on_failure:
+                # tell someone, as for any failed run
+                return Fire(workflow=run.workflow, trigger="notify", notify_run_id=run.id, pinned=workflow)
             return None
         assert workflow is not None
         if not self.store.claim_for_resume(run.id, self.me):

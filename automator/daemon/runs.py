@@ -34,12 +34,13 @@ class Fire:
     params: dict[str, Any] = field(default_factory=dict)
     request_id: int | None = None
     resume_run_id: int | None = None
+    notify_run_id: int | None = None  # a crashed run that is not resumed: its on_failure steps
     pinned: Workflow | None = None  # a resumed run continues on the version it started with
 
     @property
     def may_skip(self) -> bool:
         # catch-up, manual and resumed runs were asked for explicitly: they wait, never skip
-        return self.trigger == "schedule" and self.resume_run_id is None
+        return self.trigger == "schedule" and self.resume_run_id is None and self.notify_run_id is None
 
 
 class RunThread:
@@ -82,7 +83,12 @@ class RunThread:
                 trigger=self.fire.trigger,
                 scheduled_for=self.fire.scheduled_for,
             )
-            coro = run.resume(self.fire.resume_run_id) if self.fire.resume_run_id else run.execute()
+            if self.fire.notify_run_id:
+                coro = run.notify_failure(self.fire.notify_run_id)
+            elif self.fire.resume_run_id:
+                coro = run.resume(self.fire.resume_run_id)
+            else:
+                coro = run.execute()
             with self._lock:
                 self._loop = loop
                 self._task = loop.create_task(coro)

@@ -211,6 +211,8 @@ class Daemon:
     async def _drop_waiting(self, fire: Fire) -> None:
         """A fire still waiting at shutdown: recorded as skipped, so the history shows it."""
         workflow = fire.pinned or self.folder.workflows.get(fire.workflow)
+        if fire.notify_run_id is not None:
+            return  # a crashed run's notice: the run itself is recorded already
         if fire.resume_run_id is not None or workflow is None:
             return  # a claimed resume stays `running`: the next start resumes it again
         if fire.request_id is not None:

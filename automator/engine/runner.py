@@ -31,8 +31,10 @@ from automator.spec.loader import BoundStep, Workflow
 ProgressCallback = Callable[[str, int, int], None]
 HEARTBEAT_SECONDS = 10.0
 FLUSH_EVERY = 500
-# deliveries are written down soon after they happen: a resumed run must not send them again
+# deliveries are written down soon after they happen (after 20 of them, or 0.2 s): a run
+# resumed after a crash must not send them again
 DELIVERY_FLUSH_EVERY = 20
+DELIVERY_FLUSH_SECONDS = 0.2
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Run:
         self._pending_progress: list[tuple[int, list[str]]] = []
         self._delivered_by: dict[int, list[str]] = {}  # item seq -> deliver steps it passed
         self._step_delivered = 0
+        self._flushed_at = time.monotonic()
         self._resumed = False
         self._ended: set[int] = set()
         self._first_failure: tuple[str, str] | None = None
@@ -130,6 +133,7 @@ class Run:
             self._flush()
 
     def _flush(self) -> None:
+        self._flushed_at = time.monotonic()
         if self.context is None:
             return
         if self._pending_progress:
@@ -150,7 +154,10 @@ class Run:
             passed.append(bound.id)
             self._pending_progress.append((item.seq, list(passed)))
             ended = False
-        if not batch and len(self._pending_outcomes) + len(self._pending_progress) >= DELIVERY_FLUSH_EVERY:
+        if not batch and (
+            len(self._pending_outcomes) + len(self._pending_progress) >= DELIVERY_FLUSH_EVERY
+            or time.monotonic() - self._flushed_at >= DELIVERY_FLUSH_SECONDS
+        ):
             self._flush()
         return ended
 
@@ -198,6 +205,28 @@ class Run:
                 self.counts[row.outcome] += 1
         self.counts["fetched"] = len(self.items)
         return await self._execute(record.id, record.started_at, self._run_item_steps)
+
+    async def notify_failure(self, run_id: int) -> RunResult:
+        """Run the on_failure steps for a run that ended without its engine (it crashed)."""
+        from automator.errors import HistoryError
+
+        record = self.history.get_run(run_id)
+        if record is None:
+            raise HistoryError(f"no run with id {run_id}")
+        self.trigger, self.scheduled_for = record.trigger, record.scheduled_for
+        self.params = dict(record.params or {})
+        self.counts = {k: getattr(record, k) for k in self.counts}
+        info = RunInfo(
+            id=run_id,
+            workflow=self.workflow.name,
+            trigger=record.trigger,
+            started_at=record.started_at,
+            version=record.workflow_version,
+            scheduled_for=record.scheduled_for,
+        )
+        self.context = RunContext(self.workflow, self.plugins, self.history, info, self.params)
+        await self._on_failure(record.status, record.error, record.error_step)
+        return RunResult(run_id, self.workflow.name, record.status, record.error, record.error_step, dict(self.counts))
 
     async def _execute(self, run_id: int, started_at: datetime, body: Callable[[], Awaitable[None]]) -> RunResult:
         wf = self.workflow

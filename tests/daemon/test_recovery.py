@@ -49,7 +49,13 @@ def test_kill_9_mid_run_then_restart_resumes_or_fails(
     receiver = Receiver(http_server, delay=0.3)
     (workflows / "items.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(1, 13)))
     write("resumes.yaml", POSTING.format(name="resumes", on_crash="resume", url=receiver.url))
-    write("fails.yaml", POSTING.format(name="fails", on_crash="fail", url=receiver.url))
+    notice = f"""
+on_failure:
+  - id: tell
+    uses: webhook.deliver
+    with: {{url: "{receiver.url}", body: {{id: "{{{{ run.id }}}}", workflow: notice, error: "{{{{ run.error }}}}"}}}}
+"""
+    write("fails.yaml", POSTING.format(name="fails", on_crash="fail", url=receiver.url) + notice)
     daemon = start_daemon()
     resumed_id = trigger(history_url, "resumes")
     failed_id = trigger(history_url, "fails")
@@ -93,6 +99,11 @@ def test_kill_9_mid_run_then_restart_resumes_or_fails(
     assert all("not processed" in (i.reason or "") for i in read_history.items(failed_id) if i.outcome == "failed")
     time.sleep(0.5)
     assert sent("fails") == sent_before["fails"]  # nothing more was sent for the failed run
+    # ... but someone was told, as for any failed run
+    notices = wait_for(lambda: [b for _, b in list(receiver.requests) if b["workflow"] == "notice"], 10, "notice")
+    assert len(notices) == 1
+    assert notices[0]["id"] == failed_id
+    assert "on_crash is fail" in notices[0]["error"]
 
 
 def test_sigterm_lets_runs_finish_within_grace_then_interrupts(
