@@ -180,8 +180,9 @@ class Run:
         """Continue a crashed run in its own run id: the item steps again, for its pending items.
 
         Items that already ended keep their outcome and are not redone; the pending ones
-        restart after the fetch, from the data the fetch produced (as the ledger keeps it).
-        Deliveries carry idempotency keys, so a receiver that got an item before the crash
+        restart after the fetch, from the data the fetch produced (as the ledger keeps it),
+        and pass by the deliver steps the ledger says they reached already. Only a delivery
+        in flight at the crash is sent again, with the same idempotency key, so the receiver
         can tell the repeat. The caller has claimed the run (status ``running``, owner).
         """
         from automator.errors import HistoryError
