@@ -56,7 +56,8 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
-stdout = Console(highlight=False, soft_wrap=True)
+# piped output is read by people too (`automator runs | less`): give tables room instead of 80 columns
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
