@@ -16,6 +16,7 @@ from automator.history import db
 from automator.history.models import LedgerItem, ModelCall, Run, StepAttempt
 
 OUTCOMES = ("delivered", "skipped", "quarantined", "failed")
+_COLUMNS = LedgerItem.__table__.c
 COUNT_FIELDS = ("fetched", *OUTCOMES)
 
 
@@ -30,19 +31,33 @@ def _db_json(value: Any) -> str:
     return _JSON(value)
 
 
-def _db_datetime(value: datetime, dialect: str) -> Any:
-    # what UTCDateTime stores: naive UTC text on SQLite, an aware datetime elsewhere
-    return value.strftime("%Y-%m-%d %H:%M:%S.%f") if dialect == "sqlite" else value
+def _sqlite_datetime(value: datetime) -> str:
+    # what UTCDateTime stores on SQLite: naive UTC text
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _executemany(conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> None:
-    """Many rows through the DB-API driver at once; values must already be in database form."""
+def _executemany(
+    conn: Connection,
+    statement: Any,
+    rows: list[dict[str, Any]],
+    *,
+    json_keys: tuple[str, ...] = (),
+    time_keys: tuple[str, ...] = (),
+) -> None:
+    """Many rows at once. On SQLite, straight to the driver with the values converted here
+    (SQLAlchemy's per-row parameter handling cost more than the database); elsewhere, Core."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(statement, rows)
+        return
+    for row in rows:
+        for key in json_keys:
+            if row[key] is not None:
+                row[key] = _db_json(row[key])
+        for key in time_keys:
+            row[key] = _sqlite_datetime(row[key])
     compiled = statement.compile(dialect=conn.dialect, column_keys=list(rows[0]))
-    if compiled.positional:
-        names = compiled.positiontup or []
-        conn.exec_driver_sql(compiled.string, [tuple(row[n] for n in names) for row in rows])
-    else:
-        conn.exec_driver_sql(compiled.string, rows)
+    names = compiled.positiontup or []
+    conn.exec_driver_sql(compiled.string, [tuple(row[n] for n in names) for row in rows])
 
 
 @dataclass(frozen=True)
@@ -187,14 +202,11 @@ class History:
     # The ledger is written once per item, twice per run: these go straight to the driver's
     # executemany (SQLAlchemy's per-row parameter handling cost more than the database).
 
-    def _stamp(self, conn: Connection) -> Any:
-        return _db_datetime(now(), conn.dialect.name)
-
     def add_items(self, run_id: int, workflow: str, rows: Sequence[ItemRow]) -> None:
         if not rows:
             return
+        stamp = now()
         with self._errors(), self.engine.begin() as conn:
-            stamp = self._stamp(conn)
             _executemany(
                 conn,
                 insert(LedgerItem),
@@ -206,11 +218,13 @@ class History:
                         "key": r.key,
                         "fetched_by": r.fetched_by,
                         "outcome": "pending",
-                        "data": _db_json(r.data),
+                        "data": r.data,
                         "updated_at": stamp,
                     }
                     for r in rows
                 ],
+                json_keys=("data",),
+                time_keys=("updated_at",),
             )
 
     def set_outcomes(self, run_id: int, rows: Iterable[OutcomeRow]) -> None:
@@ -224,12 +238,12 @@ class History:
                 outcome=bindparam("b_outcome"),
                 step_id=bindparam("b_step"),
                 reason=bindparam("b_reason"),
-                result=bindparam("b_result"),
-                updated_at=bindparam("b_stamp"),
+                result=bindparam("b_result", type_=_COLUMNS.result.type),
+                updated_at=bindparam("b_stamp", type_=_COLUMNS.updated_at.type),
             )
         )
+        stamp = now()
         with self._errors(), self.engine.begin() as conn:
-            stamp = self._stamp(conn)
             _executemany(
                 conn,
                 statement,
@@ -240,11 +254,13 @@ class History:
                         "b_outcome": r.outcome,
                         "b_step": r.step_id,
                         "b_reason": r.reason,
-                        "b_result": None if r.result is None else _db_json(r.result),
+                        "b_result": r.result,
                         "b_stamp": stamp,
                     }
                     for r in rows
                 ],
+                json_keys=("b_result",),
+                time_keys=("b_stamp",),
             )
 
     def set_delivered_by(self, run_id: int, rows: Iterable[tuple[int, list[str]]]) -> None:
@@ -255,14 +271,19 @@ class History:
         statement = (
             update(LedgerItem)
             .where(LedgerItem.run_id == bindparam("b_run"), LedgerItem.seq == bindparam("b_seq"))
-            .values(delivered_by=bindparam("b_steps"), updated_at=bindparam("b_stamp"))
+            .values(
+                delivered_by=bindparam("b_steps", type_=_COLUMNS.delivered_by.type),
+                updated_at=bindparam("b_stamp", type_=_COLUMNS.updated_at.type),
+            )
         )
+        stamp = now()
         with self._errors(), self.engine.begin() as conn:
-            stamp = self._stamp(conn)
             _executemany(
                 conn,
                 statement,
-                [{"b_run": run_id, "b_seq": seq, "b_steps": _db_json(steps), "b_stamp": stamp} for seq, steps in rows],
+                [{"b_run": run_id, "b_seq": seq, "b_steps": steps, "b_stamp": stamp} for seq, steps in rows],
+                json_keys=("b_steps",),
+                time_keys=("b_stamp",),
             )
 
     def delivered_keys(self, workflow: str, keys: Iterable[str]) -> dict[str, int]:
