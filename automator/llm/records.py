@@ -163,3 +163,18 @@ def run_batches(history: History, run_id: int, step_id: str) -> list[ModelBatch]
     query = select(ModelBatch).where(ModelBatch.run_id == run_id, ModelBatch.step_id == step_id).order_by(ModelBatch.id)
     with history._errors(), history.session() as session:
         return list(session.scalars(query))
+
+
+def last_calls(history: History, run_id: int, step_id: str) -> dict[int, tuple[str, str | None]]:
+    """Each item's latest model call in one step of one run: (status, error).
+
+    A resumed run reads here how an item of an already-collected batch ended when its
+    answer was an error or was rejected, rather than sending it again.
+    """
+    query = (
+        select(ModelCall.item_seq, ModelCall.status, ModelCall.error)
+        .where(ModelCall.run_id == run_id, ModelCall.step_id == step_id, ModelCall.item_seq.is_not(None))
+        .order_by(ModelCall.id)
+    )
+    with history._errors(), history.engine.connect() as conn:
+        return {int(seq): (status, error) for seq, status, error in conn.execute(query)}

@@ -4,7 +4,13 @@ The items' requests are written as JSONL (one chat completion per item, ``custom
 naming the run and the item), uploaded, and submitted as one batch per 50,000 requests
 or 200 MB. Each batch is stored in the history (``model_batches``) the moment it is
 created, so a process that dies while waiting does not submit it again: the run, when
-resumed, finds the batch by run and step and polls it where it was.
+resumed, finds the batch by run and step and polls it where it was. A process that dies
+between ``batches.create`` returning and that row being written leaves a batch the
+history does not know; each batch therefore carries its run, step and the SHA-256 of its
+input file in ``metadata``, and a resumed run (or a retried create whose first attempt may
+have reached OpenAI) lists the account's recent batches and adopts the one that matches
+instead of paying for it twice. Items whose answer in an already-collected batch was an
+error or was rejected end, on resume, as the calls recorded for them say (not re-sent).
 
 Answers come back through the same checks as sync mode. An answer that is cut off,
 refused, filtered or breaks the schema is re-asked through the sync path at once (full
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +49,9 @@ ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 API_RETRIES = 5  # uploads, creates, polls and downloads: transient failures retried
+LIST_PAGE = 100  # batches per page when looking for one this run already created (the API's maximum)
+# batches listed newest first; the search stops at those created this long before the run started
+LIST_CLOCK_SLACK_S = 600
 REPAIR_CONCURRENCY = 16
 
 _UNSET: Any = object()
@@ -108,6 +119,10 @@ class BatchTransform:
         self.context = step.context
         self.history = step.context.history
         self.outcomes: list[Any] = []
+        self._known: set[str] = set()  # batch ids the history has for this run and step
+        info = step.context.info
+        # a resumed run may have created a batch whose row never got written
+        self.resumed = info.resumed or info.trigger == "resume"
 
     # -- the whole step ----------------------------------------------------------------
 
@@ -131,7 +146,9 @@ class BatchTransform:
             else:
                 requests.append(request)
         leaders, followers = self._dedupe(requests)
-        jobs, fresh = self._reattach(stored, leaders)
+        self._known = {row.batch_id for row in stored}
+        jobs, fresh, settled = self._reattach(stored, leaders)
+        fresh += await self._ended_before(settled)
         jobs += await self._submit(fresh)
         await self._wait(jobs)
         for request, leader in followers:
@@ -176,19 +193,49 @@ class BatchTransform:
 
     # -- submitting ------------------------------------------------------------------------
 
-    def _reattach(self, stored: list[Any], requests: list[Request]) -> tuple[list[Job], list[Request]]:
-        """Requests a batch of this run already carries wait for it; the rest are to be sent."""
+    def _reattach(self, stored: list[Any], requests: list[Request]) -> tuple[list[Job], list[Request], list[Request]]:
+        """Requests a batch of this run already carries wait for it; the rest are to be sent.
+
+        Also gives the requests of batches already collected (their answers were not in the
+        response cache, so they were errors or rejected: see ``_ended_before``).
+        """
         by_id = {r.custom_id: r for r in requests}
         jobs: list[Job] = []
+        settled: list[Request] = []
         for row in stored:
-            if row.status == "collected":
-                continue
             members = [
                 by_id.pop(cid) for cid, key in (row.requests or {}).items() if cid in by_id and by_id[cid].key == key
             ]
-            if members:
+            if row.status == "collected":
+                settled += members
+            elif members:
                 jobs.append(Job(row.id, row.batch_id, row.status, members))
-        return jobs, list(by_id.values())
+        return jobs, list(by_id.values()), settled
+
+    async def _ended_before(self, requests: list[Request]) -> list[Request]:
+        """Outcomes, from the calls recorded, of requests a collected batch answered unusably.
+
+        The calls reach the history before a batch counts as collected, so an item whose
+        last call was an error fails with it and one whose last answer was rejected is
+        quarantined, as before the restart; paying for the same request again would not
+        change the answer. Requests with no such call are given back to be sent.
+        """
+        if not requests:
+            return []
+        last = await asyncio.to_thread(records.last_calls, self.history, self.context.run_id, self.step.step_id)
+        note = "(answered in a batch before the run was resumed; not sent again)"
+        again: list[Request] = []
+        for request in requests:
+            status, error = last.get(request.item.seq, ("", None))
+            if status == "error":
+                self.outcomes[request.index] = ModelError(f"{error} {note}", retryable=False)
+            elif status == "rejected":
+                self.outcomes[request.index] = QuarantineItem(
+                    f"{self.step.config.model} gave no acceptable answer: {error} {note}"
+                )
+            else:
+                again.append(request)
+        return again
 
     async def _submit(self, requests: list[Request]) -> list[Job]:
         step = self.step
@@ -221,21 +268,15 @@ class BatchTransform:
 
     async def _create(self, members: list[Request], content: bytes) -> Job:
         step = self.step
-        client = await step.client()
         run_id = self.context.run_id
-        name = f"automator-run-{run_id}-{step.step_id}.jsonl"
-        upload = await self._api(
-            "uploading the batch input", lambda: client.files.create(file=(name, content), purpose="batch")
-        )
-        batch = await self._api(
-            "creating the batch",
-            lambda: client.batches.create(
-                input_file_id=upload.id,
-                endpoint=ENDPOINT,
-                completion_window=COMPLETION_WINDOW,
-                metadata={"automator_run": str(run_id), "automator_step": step.step_id[:500]},
-            ),
-        )
+        digest = hashlib.sha256(content).hexdigest()
+        metadata = {"automator_run": str(run_id), "automator_step": step.step_id[:500], "automator_input": digest}
+        batch = await self._adopt(metadata) if self.resumed else None
+        if batch is None:
+            batch = await self._upload_and_create(content, metadata)
+        else:
+            step.stats["adopted"] += 1
+        self._known.add(batch.id)
         # stored before anything else can fail: a restarted process collects it instead of paying again
         row_id = await asyncio.to_thread(
             records.add_batch,
@@ -245,13 +286,63 @@ class BatchTransform:
             step_id=step.step_id,
             model=step.config.model,
             batch_id=batch.id,
-            input_file_id=upload.id,
+            input_file_id=batch.input_file_id,
             status=batch.status,
             request_count=len(members),
             requests={r.custom_id: r.key for r in members},
         )
         step.stats["batches"] += 1
         return Job(row_id, batch.id, batch.status, members)
+
+    async def _upload_and_create(self, content: bytes, metadata: dict[str, str]) -> Any:
+        # A crash between the upload and the create leaves an orphan input file: files cost
+        # nothing but storage, so it is uploaded again rather than looked for.
+        client = await self.step.client()
+        name = f"automator-run-{metadata['automator_run']}-{self.step.step_id}.jsonl"
+        upload = await self._api(
+            "uploading the batch input", lambda: client.files.create(file=(name, content), purpose="batch")
+        )
+        attempted = False
+
+        async def create() -> Any:
+            nonlocal attempted
+            # an attempt that failed (a timeout, a 5xx) may have created the batch all the same
+            found = await self._find(metadata) if attempted else None
+            attempted = True
+            if found is not None:
+                return found
+            return await client.batches.create(
+                input_file_id=upload.id,
+                endpoint=ENDPOINT,
+                completion_window=COMPLETION_WINDOW,
+                metadata=metadata,
+            )
+
+        return await self._api("creating the batch", create)
+
+    async def _adopt(self, metadata: dict[str, str]) -> Any:
+        return await self._api("looking for a batch created before the restart", lambda: self._find(metadata))
+
+    async def _find(self, metadata: dict[str, str]) -> Any:
+        """This run's batch with these requests, if OpenAI has one the history does not know.
+
+        Batches are listed newest first (``after``/``limit`` pages); the search stops at those
+        created well before the run started, so it reads only this run's time span.
+        """
+        client = await self.step.client()
+        started = self.context.info.started_at
+        if started.tzinfo is None:  # SQLite gives naive datetimes; the history keeps UTC
+            started = started.replace(tzinfo=UTC)
+        oldest = started.timestamp() - LIST_CLOCK_SLACK_S
+        async for batch in client.batches.list(limit=LIST_PAGE):
+            if batch.created_at < oldest:
+                break
+            if batch.id in self._known:
+                continue
+            tags = batch.metadata or {}
+            if all(tags.get(key) == value for key, value in metadata.items()):
+                return batch
+        return None
 
     async def _api(self, doing: str, call: Any) -> Any:
         """One Batch/Files API call, transient failures retried with backoff."""

@@ -168,6 +168,8 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         self._inflight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._fatal: str | None = None
         self.stats = {"calls": 0, "cached": 0, "retries": 0, "repairs": 0, "rate_limited": 0, "batches": 0}
+        # mode: batch: batches a process created before it died, found on OpenAI and not sent again
+        self.stats["adopted"] = 0
         self.cost = Decimal(0)
 
     @property
@@ -523,6 +525,8 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             parts.append(f"{s['repairs']} re-asked")
         if s["batches"]:
             parts.insert(1, f"{s['batches']} batch(es) at Batch API prices")
+        if s["adopted"]:
+            parts.append(f"{s['adopted']} batch(es) created before a restart picked up, not sent again")
         if s["rate_limited"]:
             parts.append(f"{s['rate_limited']} rate-limited (429)")
         if not pricing.is_priced(self.config.model) and self.config.prices is None:

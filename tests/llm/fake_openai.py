@@ -12,7 +12,14 @@ Misbehaviour, three ways:
   exact prompt is seen. Kinds: 500, 503, 429, 400, slow, length, refuse, filter,
   badjson, badschema. In a batch, 500 and 400 become error-file lines;
 - ``server.batch_end = "failed" | "expired"``: how the next batches end (failed: nothing
-  answered; expired: the first half answered, the rest ``batch_expired``).
+  answered; expired: the first half answered, the rest ``batch_expired``);
+- ``server.lose_batch_create_answers = n``: the next n creates make the batch but answer
+  500 (the answer lost on its way, as after a timeout);
+- ``server.on_batch_created = f``: ``f(batch_json)`` runs once a batch exists and before
+  the answer is sent (a test kills its client there: the crash between ``batches.create``
+  and the client storing the id).
+
+``GET /v1/batches`` lists batches newest first with ``after``/``limit`` pages, like OpenAI.
 
 Answers are deterministic: an enum takes the first of its values that the prompt
 mentions (else the first), strings echo the start of the item's text, numbers take
@@ -33,6 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +206,8 @@ class FakeOpenAI:
         self.batch_delay_s = 0.2
         # how batches end: completed | failed (nothing answered) | expired (the first half answered)
         self.batch_end = "completed"
+        self.on_batch_created: Callable[[dict[str, Any]], None] | None = None
+        self.lose_batch_create_answers = 0
         self._script: list[str] = []
         self._seen: Counter[str] = Counter()
         self._prefixes: set[str] = set()
@@ -217,7 +227,11 @@ class FakeOpenAI:
 
     @property
     def batch_creations(self) -> list[dict[str, Any]]:
-        return [r for r in self.requests if r["path"] == "/v1/batches"]
+        return [r for r in self.requests if r["path"] == "/v1/batches" and r.get("method") != "GET"]
+
+    @property
+    def batch_listings(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["path"] == "/v1/batches" and r.get("method") == "GET"]
 
     @property
     def completions(self) -> list[dict[str, Any]]:
@@ -265,6 +279,7 @@ class FakeOpenAI:
                 Route("/v1/files/{file_id}", self.file_info, methods=["GET"]),
                 Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
                 Route("/v1/batches", self.create_batch, methods=["POST"]),
+                Route("/v1/batches", self.list_batches, methods=["GET"]),
                 Route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"]),
                 Route("/_stats", self.stats, methods=["GET"]),
             ]
@@ -483,11 +498,46 @@ class FakeOpenAI:
             "metadata": body.get("metadata"),
         }
         self.batches[batch_id] = Batch(data, lines)
+        if self.on_batch_created is not None:
+            self.on_batch_created(dict(data))  # may change batch_delay_s for this batch
         asyncio.get_running_loop().call_later(self.batch_delay_s, self._finish_batch, batch_id)
+        if self.lose_batch_create_answers > 0:
+            self.lose_batch_create_answers -= 1
+            self.statuses[500] += 1
+            return self._error(500, "The server had an error processing your request.", None, {"retry-after": "0.05"})
         return JSONResponse(data)
 
+    async def list_batches(self, request: Request) -> Response:
+        """Newest first; ``after`` is the id of the last batch of the previous page."""
+        self.requests.append({"path": request.url.path, "method": "GET", "query": dict(request.query_params)})
+        try:
+            limit = int(request.query_params.get("limit", 20))
+        except ValueError:
+            return self._error(400, "limit must be an integer", "invalid_value")
+        if not 1 <= limit <= 100:
+            return self._error(400, "limit must be between 1 and 100", "invalid_value")
+        newest_first = [b.data for b in reversed(self.batches.values())]
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [d["id"] for d in newest_first]
+            if after not in ids:
+                return self._error(404, f"No such Batch object: {after}")
+            newest_first = newest_first[ids.index(after) + 1 :]
+        page = newest_first[:limit]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(newest_first) > limit,
+            }
+        )
+
     def _finish_batch(self, batch_id: str) -> None:
-        batch = self.batches[batch_id]
+        batch = self.batches.get(batch_id)
+        if batch is None:  # a batch of a test before the last reset
+            return
         if self.batch_end == "failed":
             batch.data.update(
                 status="failed",

@@ -275,6 +275,156 @@ def test_a_batch_is_collected_after_a_restart_not_submitted_again(
     assert [(c.mode, c.status) for c in calls(history, run_id)] == [("batch", "ok")] * 3
 
 
+DECOY = "not-these-requests"
+
+
+def write_flow(tmp_path: Path, text: str, items: list[dict[str, object]]) -> Path:
+    folder = tmp_path / "wf"
+    folder.mkdir(exist_ok=True)
+    (folder / "items.jsonl").write_text("".join(json.dumps(t) + "\n" for t in items), encoding="utf-8")
+    path = folder / "flow.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_a_batch_created_just_before_a_crash_is_adopted_not_paid_twice(
+    fake_openai: FakeOpenAI,
+    history: History,
+    history_url: str,
+    llm_plugins,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    killed_at: int,
+) -> None:
+    # five items in batches of two: three batches; the process dies as batch `killed_at` is created
+    path = write_flow(tmp_path, flow(extra="batch_max_requests: 2"), tickets(*(f"bug {n}" for n in range(5))))
+    process: list[subprocess.Popen[bytes]] = []
+
+    def crash(batch: dict[str, object]) -> None:
+        # the batch exists on the server; its creator dies before it can store the id
+        if len(fake_openai.batch_creations) == killed_at:
+            process[0].send_signal(signal.SIGKILL)
+            process[0].wait()
+
+    fake_openai.on_batch_created = crash
+    process.append(subprocess.Popen([sys.executable, "-c", RUN_ONE, str(path), history_url], env=os.environ.copy()))
+    try:
+        assert process[0].wait(timeout=20) == -signal.SIGKILL
+    finally:
+        if process[0].poll() is None:
+            process[0].kill()
+    fake_openai.on_batch_created = None
+    created = [b.data["id"] for b in fake_openai.batches.values()]
+    assert len(created) == killed_at
+    with history.session() as session:
+        stored = list(session.scalars(select(ModelBatch)))
+    # the window: the last batch exists on OpenAI and nowhere in the history
+    assert sorted(r.batch_id for r in stored) == sorted(created[: killed_at - 1])
+    (run,) = history.list_runs()
+    assert run.status == "running"
+
+    # others' batches, newer than ours, which the search must pass over (pages of one: `after` is used)
+    import openai
+
+    from automator_standard import openai_batch
+
+    sdk = openai.OpenAI(base_url=fake_openai.base_url, api_key="sk-decoy", max_retries=0)
+    upload = sdk.files.create(file=("decoy.jsonl", b""), purpose="batch")
+    for tags in (
+        {"automator_run": str(run.id + 1), "automator_step": "classify", "automator_input": DECOY},
+        {"automator_run": str(run.id), "automator_step": "classify", "automator_input": DECOY},
+    ):
+        sdk.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", metadata=tags
+        )
+    monkeypatch.setattr(openai_batch, "LIST_PAGE", 1)
+
+    result = asyncio.run(Run(load_workflow(path, llm_plugins), history, llm_plugins).resume(run.id))
+    assert result.status == "succeeded", result.error
+    assert result.counts["delivered"] == 5
+
+    ours = [c for c in fake_openai.batch_creations if c["body"]["metadata"]["automator_input"] != DECOY]
+    assert len(ours) == 3  # one creation per batch, the crashed one not sent again
+    assert len(uploads(fake_openai)) == 3 + 1  # nor its input uploaded again (+1: the decoys')
+    sent = [
+        line["custom_id"]
+        for b in fake_openai.batches.values()
+        if b.data["metadata"]["automator_input"] != DECOY
+        for line in b.lines
+    ]
+    assert sorted(sent) == sorted(f"run-{run.id}-item-{seq}" for seq in range(5))  # each item once
+    rows = batches(history, run.id)
+    assert len(rows) == 3 and all(r.status == "collected" for r in rows)
+    assert created[-1] in {r.batch_id for r in rows}  # adopted: its row written by the resumed run
+    assert DECOY not in {fake_openai.batches[r.batch_id].data["metadata"]["automator_input"] for r in rows}
+    assert any("after" in listing["query"] for listing in fake_openai.batch_listings)
+    assert sorted((c.item_seq, c.mode, c.status) for c in calls(history, run.id)) == [
+        (seq, "batch", "ok") for seq in range(5)
+    ]
+    assert any("1 batch(es) created before a restart picked up" in text for _, text in result.summaries)
+
+
+def test_after_a_restart_unusable_answers_of_a_collected_batch_are_not_sent_again(
+    fake_openai: FakeOpenAI, history: History, history_url: str, llm_plugins, tmp_path: Path
+) -> None:
+    # batch 1: an error line and a cut-off answer (quarantined: no repairs); batch 2 still running
+    items = tickets("x !!500!!", "cut !!length!!", "a bug", "billing")
+    path = write_flow(tmp_path, flow(repairs=0, extra="batch_max_requests: 2"), items)
+
+    def slow_second(batch: dict[str, object]) -> None:
+        if len(fake_openai.batch_creations) == 2:
+            fake_openai.batch_delay_s = 2.0
+
+    fake_openai.on_batch_created = slow_second
+    first = subprocess.Popen([sys.executable, "-c", RUN_ONE, str(path), history_url], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 15
+        collected: list[ModelBatch] = []
+        while not collected:  # batch 1 collected, batch 2 waited for: the process dies now
+            assert first.poll() is None, "the first process ended on its own"
+            assert time.monotonic() < deadline, "batch 1 was not collected"
+            time.sleep(0.02)
+            with history.session() as session:
+                collected = list(session.scalars(select(ModelBatch).where(ModelBatch.status == "collected")))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    fake_openai.on_batch_created = None
+    (run,) = history.list_runs()
+    assert {r.outcome for r in history.items(run.id)} == {"pending"}  # outcomes come when the step ends
+    assert len(fake_openai.batch_creations) == 2
+
+    result = asyncio.run(Run(load_workflow(path, llm_plugins), history, llm_plugins).resume(run.id))
+    ended = outcomes(history, run.id)
+    assert ended[0][0] == "failed" and "the Batch API answered 500: injected 500" in (ended[0][1] or "")
+    assert "not sent again" in (ended[0][1] or "")
+    assert ended[1][0] == "quarantined" and "cut off at max_output_tokens (50)" in (ended[1][1] or "")
+    assert ended[2][0] == ended[3][0] == "delivered"
+    assert result.counts["delivered"] == 2
+    assert len(fake_openai.batch_creations) == 2  # no third batch for the two that ended badly
+    assert fake_openai.completions == []
+    by_item: dict[int, list[tuple[str, str]]] = {}
+    for row in calls(history, run.id):
+        by_item.setdefault(row.item_seq, []).append((row.mode, row.status))
+    assert by_item == {0: [("batch", "error")], 1: [("batch", "rejected")], 2: [("batch", "ok")], 3: [("batch", "ok")]}
+
+
+def test_a_create_whose_answer_was_lost_is_found_not_sent_again(fake_openai: FakeOpenAI, run_flow, history) -> None:
+    fake_openai.lose_batch_create_answers = 1  # the batch is made, the client sees a 500
+    result = run_flow(flow(), tickets("billing", "a bug"))
+    assert result.status == "succeeded", result.error
+    assert len(fake_openai.batch_creations) == 1
+    assert len(fake_openai.batch_listings) >= 1  # looked before trying again
+    (stored,) = batches(history, result.run_id)
+    (batch,) = fake_openai.batches.values()
+    assert stored.batch_id == batch.data["id"]
+    # a first run does not search before creating
+    fake_openai.reset()
+    run_flow(flow(), tickets("other", first=10))
+    assert fake_openai.batch_listings == [] and len(fake_openai.batch_creations) == 1
+
+
 def test_the_budget_is_checked_at_batch_prices_before_submitting(fake_openai: FakeOpenAI, run_flow, history) -> None:
     # each request costs at most ~(40 in * 0.075 + 50 out * 0.30) / 1M = $0.000018 at batch prices
     text = flow().replace("name: batched\n", "name: batched\nbudget: {max_cost_usd: 0.00004}\n")
