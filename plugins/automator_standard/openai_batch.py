@@ -32,8 +32,6 @@ from datetime import UTC
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from openai.types.chat import ChatCompletion
-
 from automator import Item, ModelError, QuarantineItem
 from automator.llm import pricing, records
 from automator_standard.openai_client import CallFailed, Reply, failure, reply_from
@@ -431,7 +429,7 @@ class BatchTransform:
                 continue
             try:
                 reply = reply_from(
-                    ChatCompletion.model_validate(response.get("body")),
+                    _chat_completion().model_validate(response.get("body")),
                     headers={},
                     request_id=response.get("request_id"),
                     latency_ms=latency_ms,
@@ -568,3 +566,9 @@ def _why_missing(batch: Any) -> str:
         reasons.append(f"{error.code or 'error'}: {error.message or ''}".strip())
     detail = f" ({'; '.join(reasons)})" if reasons else ""
     return f"the batch ended {batch.status}{detail}"
+
+
+def _chat_completion() -> Any:
+    from openai.types.chat import ChatCompletion  # imported when first needed: CLI start-up time
+
+    return ChatCompletion

@@ -11,9 +11,10 @@ import email.utils
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:
+    import openai
 
 from automator.errors import StepError
 
@@ -61,6 +62,8 @@ class CallFailed(Exception):  # noqa: N818 - one failed attempt, classified
 
 
 def make_client(*, api_key: str | None, base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
+    import openai  # imported when first needed: it costs CLI start-up time
+
     try:
         return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
     except openai.OpenAIError as exc:
@@ -106,6 +109,8 @@ def _error_text(exc: openai.APIStatusError) -> str:
 
 def failure(exc: Exception, latency_ms: int = 0) -> CallFailed | None:
     """What a failed SDK call means (retryable or not); None for an exception that is not the API's."""
+    import openai  # imported when first needed: it costs CLI start-up time
+
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         code = exc.body.get("code") if isinstance(exc.body, dict) else None
@@ -153,6 +158,8 @@ def reply_from(completion: Any, *, headers: dict[str, str], request_id: str | No
 
 async def complete(client: openai.AsyncOpenAI, params: dict[str, Any]) -> Reply:
     """Send one chat completion; raises CallFailed, classified retryable or not."""
+    import openai  # imported when first needed: it costs CLI start-up time
+
     started = time.monotonic()
 
     def elapsed() -> int:
