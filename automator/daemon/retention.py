@@ -35,6 +35,7 @@ class Retention:
         """Remove what is older than ``keep``; returns how many runs were removed."""
         cutoff = now() - self.keep
         removed = 0
+        started = False
         engine = self.history.engine
         while True:
             with engine.begin() as conn:
@@ -48,6 +49,9 @@ class Retention:
                 )
                 if not ids:
                     break
+                if not started:
+                    started = True
+                    log.info("retention: pruning runs that finished before %s", cutoff.isoformat(timespec="seconds"))
                 keyed = LedgerItem.outcome.in_(["delivered"]) & LedgerItem.key.is_not(None)
                 keepers = set(
                     conn.scalars(select(LedgerItem.run_id).where(LedgerItem.run_id.in_(ids), keyed).distinct())

@@ -23,12 +23,14 @@ from typing import Any
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
 from automator.daemon import catchup, control
 from automator.daemon.dispatch import Dispatcher
 from automator.daemon.folder import Changes, WorkflowFolder
 from automator.daemon.http import StatusServer
 from automator.daemon.metrics import Metrics, MetricsObserver
+from automator.daemon.plugin_watch import PluginWatch
 from automator.daemon.recovery import Recovery
 from automator.daemon.retention import Retention
 from automator.daemon.runs import Fire, RunIds, RunThread
@@ -43,7 +45,8 @@ from automator.spec.loader import Workflow
 log = logging.getLogger("automator.daemon")
 
 RETENTION_EVERY = timedelta(days=1)
-RETENTION_FIRST_AFTER = 60.0  # seconds after start: let start-up and catch-up settle first
+RETENTION_FIRST_AFTER = timedelta(seconds=60)  # let start-up and catch-up settle first
+EXIT_STOPPED_AT_ONCE = 1  # a second SIGTERM/SIGINT
 
 
 @dataclass
@@ -52,10 +55,12 @@ class DaemonOptions:
     http: tuple[str, int] | None = None
     grace: float = 30.0
     keep: timedelta | None = timedelta(days=30)
+    prune_every: timedelta = RETENTION_EVERY  # shorter only for tests (hidden --prune-every)
     max_concurrent_runs: int = 16
     poll_interval: float = 1.0  # hot reload and manual triggers
     recovery_interval: float = 30.0
     stale_after: timedelta = timedelta(minutes=2)
+    plugins_dir: Path | None = None  # watched only to say that a changed plugin needs a restart
 
 
 class _DispatchExecutor(BaseExecutor):
@@ -94,6 +99,7 @@ class Daemon:
         self.recovery = Recovery(self.store, self.me, self.process_started, self.options.stale_after)
         self.retention = Retention(self.history, self.options.keep) if self.options.keep else None
         self._scheduled: dict[str, _Scheduled] = {}
+        self.plugin_watch = PluginWatch(self.options.plugins_dir)
         self._stop = asyncio.Event()
         self._signals = 0
         self._last_tick = time.monotonic()
@@ -175,10 +181,19 @@ class Daemon:
             )
             self._stop.set()
             return
-        log.warning("%s again: stopping now", sig.name, extra={"signal": sig.name})
-        self._end_unfinished("the daemon was stopped at once (a second signal)")
+        # Nothing is written: the run threads are still writing their ledgers, and closing
+        # their runs under them would race (an item marked failed, then delivered). The
+        # runs stay `running` under this process's owner id, which is gone a moment later;
+        # crash recovery (at the next start, or every 30 s in another daemon on this
+        # database) marks them crashed and resumes or fails them per `on_crash`.
+        log.warning(
+            "%s again: stopping now; %d run(s) in flight are left to crash recovery",
+            sig.name,
+            len(self.dispatcher.running) if self.dispatcher else 0,
+            extra={"signal": sig.name},
+        )
         logging.shutdown()
-        os._exit(1)
+        os._exit(EXIT_STOPPED_AT_ONCE)
 
     async def _shutdown(self) -> None:
         assert self.dispatcher is not None
@@ -333,6 +348,7 @@ class Daemon:
                 changes = await asyncio.to_thread(self.folder.scan)
                 if changes:
                     await self._apply(changes)
+                await asyncio.to_thread(self.plugin_watch.check)
                 for fire in await asyncio.to_thread(
                     control.take_requests, self.store, self.me, dict(self.folder.workflows)
                 ):
@@ -393,14 +409,18 @@ class Daemon:
 
     async def _retention_loop(self) -> None:
         assert self.retention is not None
-        await asyncio.sleep(RETENTION_FIRST_AFTER)
+        every = self.options.prune_every.total_seconds()
+        await asyncio.sleep(min(RETENTION_FIRST_AFTER.total_seconds(), every))
         while True:
             try:
                 removed = await asyncio.to_thread(self.retention.prune)
                 self.metrics.pruned.inc(removed)
             except AutomatorError as exc:
                 log.error("retention: %s", exc.message)
-            await asyncio.sleep(RETENTION_EVERY.total_seconds())
+            except SQLAlchemyError as exc:
+                # the database busy or away for a moment: try again at the next round
+                log.error("retention: %s", str(exc).splitlines()[0], extra={"error": type(exc).__name__})
+            await asyncio.sleep(every)
 
     # -- observers and health ---------------------------------------------------------
 
