@@ -24,6 +24,13 @@ def _duration(_ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter(str(exc), param=param) from None
 
 
+def _interval(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    interval = _duration(ctx, param, value)
+    if interval is None or interval.total_seconds() <= 0:
+        raise click.BadParameter(f"{value!r}: give an interval such as 1h or 1d (use --keep forever to keep all)")
+    return interval
+
+
 def _address(_ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -56,7 +63,7 @@ def _address(_ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option(
     "--prune-every",
     default="1d",
-    callback=_duration,
+    callback=_interval,
     hidden=True,
     help="How often retention runs (for tests and operators; the first run is at most a minute after start).",
 )
