@@ -12,7 +12,7 @@ import click
 import yaml
 
 from automator.cli import render
-from automator.cli.common import Settings, default_plugins_dir, echo_json, is_terminal, settings, stderr, stdout
+from automator.cli.common import Settings, echo_json, is_terminal, settings, stderr, stdout
 from automator.errors import AutomatorError, ConfigError, Problem, WorkflowFileError
 from automator.history import db
 from automator.spec.loader import WORKFLOW_SUFFIXES, load_workflow
@@ -40,8 +40,9 @@ WORKFLOWS_OPTION = click.option(
 @click.pass_context
 def cli(ctx: click.Context, database_url: str | None, plugins_dir: Path | None, verbose: bool) -> None:
     """Declarative LLM workflow automation: workflow files in, runs and their history out."""
-    ctx.obj = Settings(database_url=database_url, plugins_dir=plugins_dir)
-    ctx.call_on_close(ctx.obj.close)
+    opts = ctx.ensure_object(Settings)  # main() may have loaded the plugins already
+    opts.database_url, opts.plugins_dir = database_url, plugins_dir
+    ctx.call_on_close(opts.close)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -299,20 +300,20 @@ def _plugins_dir_option(argv: list[str]) -> Path | None:
     return None
 
 
-def _add_plugin_commands(argv: list[str]) -> None:
-    """Commands from plugins (the register_commands hook), if loading plugins works at all."""
-    from automator.plugins.manager import load_plugins
-
-    plugins_dir = _plugins_dir_option(argv) or default_plugins_dir(Path("workflows"))
-    load_plugins(plugins_dir if plugins_dir.is_dir() else None).register_commands(cli)
+def _add_plugin_commands(argv: list[str]) -> Settings:
+    """Commands from plugins (the register_commands hook); the plugins are kept for the command."""
+    given = _plugins_dir_option(argv)
+    opts = Settings(plugins_dir=given)
+    opts.plugins(Path("workflows")).register_commands(cli)
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
     """The console script: run the CLI and render AutomatorError once, without a traceback."""
     try:
-        _add_plugin_commands(sys.argv[1:] if argv is None else argv)
+        opts = _add_plugin_commands(sys.argv[1:] if argv is None else argv)
         # without standalone mode click returns ctx.exit()'s code instead of exiting
-        code = cli.main(args=argv, prog_name="automator", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="automator", standalone_mode=False, obj=opts)
     except WorkflowFileError as exc:
         _print_problems(exc.problems)
         return EXIT_INVALID
