@@ -187,4 +187,9 @@ def test_catch_up_after_downtime(workflows: Path, write, start_daemon, read_hist
         latest[0].scheduled_for == every[-1].scheduled_for
         or abs((latest[0].scheduled_for - every[-1].scheduled_for).total_seconds()) < 1
     )
-    assert all(r.status == "succeeded" for r in every + latest)
+    finished = wait_for(
+        lambda: (done := catch_ups("all") + catch_ups("latest")) and all(r.status != "running" for r in done) and done,
+        10,
+        "the catch-up runs to finish",
+    )
+    assert all(r.status == "succeeded" for r in finished)
