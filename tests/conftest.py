@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from automator.cli.main import main
+from automator.engine.runner import RunResult
 from automator.history.store import History
 from automator.plugins.manager import Plugins, load_plugins
 from automator.testing import CliResult
@@ -91,3 +93,28 @@ def run_console(
         timeout=60,
         check=False,
     )
+
+
+def run_until_killed(flow: Path, history_url: str) -> None:
+    """Run a workflow in its own process that is expected to die by SIGKILL mid-run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "automator.cli.main", "run", str(flow)],
+        env={**os.environ, "AUTOMATOR_DATABASE_URL": history_url},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -9, done.stderr
+
+
+def resume_crashed(flow: Path, plugins_dir: Path, history: History) -> tuple[int, RunResult]:
+    """Resume the newest run, still ``running`` after its process died: (run id, result)."""
+    import asyncio
+
+    from automator import load_workflow
+    from automator.engine.runner import Run
+
+    crashed = history.list_runs()[0]
+    assert crashed.status == "running"  # nobody was left to say otherwise
+    plugins = load_plugins(plugins_dir)
+    return crashed.id, asyncio.run(Run(load_workflow(flow, plugins), history, plugins).resume(crashed.id))

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from werkzeug import Request, Response
 
-from automator import History, load_plugins, load_workflow
-from automator.engine.runner import Run
+from automator import History
+from tests.conftest import resume_crashed, run_until_killed
 
 CRASHER = """
 import os, signal
@@ -77,27 +73,17 @@ def test_kill_9_then_resume_delivers_each_item_once(tmp_path: Path, history_url:
             """
         )
     )
-    env = {**os.environ, "AUTOMATOR_DATABASE_URL": history_url}
-    done = subprocess.run(
-        [sys.executable, "-m", "automator.cli.main", "run", str(flow)],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == -9, done.stderr
+    run_until_killed(flow, history_url)
     assert sorted(received) == sorted(f"t{i}" for i in range(30))  # all posted before the crash
 
     history = History(history_url)
-    crashed = history.list_runs()[0]
-    assert crashed.status == "running"  # nobody was left to say otherwise
-    assert {row.outcome for row in history.items(crashed.id)} == {"pending"}
-    assert all(row.delivered_by == ["post"] for row in history.items(crashed.id))
+    crashed_id = history.list_runs()[0].id
+    assert {row.outcome for row in history.items(crashed_id)} == {"pending"}
+    assert all(row.delivered_by == ["post"] for row in history.items(crashed_id))
 
-    plugins = load_plugins(project / "plugins")
-    result = asyncio.run(Run(load_workflow(flow, plugins), history, plugins).resume(crashed.id))
+    run_id, result = resume_crashed(flow, project / "plugins", history)
     assert result.status == "succeeded"
-    assert result.run_id == crashed.id
+    assert result.run_id == run_id == crashed_id
     assert result.counts == {"fetched": 30, "delivered": 30, "skipped": 0, "quarantined": 0, "failed": 0}
     assert len(received) == 30  # the webhook got nothing twice
     assert len((project / "workflows" / "archive.jsonl").read_text().splitlines()) == 30

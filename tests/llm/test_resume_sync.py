@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from automator import History, load_plugins, load_workflow
-from automator.engine.runner import Run
+from automator import History
+from tests.conftest import resume_crashed, run_until_killed
 from tests.llm.fake_openai import FakeOpenAI
 
 CRASH_AFTER_MODEL = """
@@ -78,28 +74,17 @@ def test_a_killed_model_run_resumes_without_a_second_call(
             """
         )
     )
-    env = {**os.environ, "AUTOMATOR_DATABASE_URL": history_url}
-    done = subprocess.run(
-        [sys.executable, "-m", "automator.cli.main", "run", str(flow)],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == -9, done.stderr
+    run_until_killed(flow, history_url)
     paid_before = len(fake_openai.completions)
     assert paid_before == 6
 
     history = History(history_url)
-    crashed = history.list_runs()[0]
-    assert crashed.status == "running"
-    plugins = load_plugins(project / "plugins")
-    result = asyncio.run(Run(load_workflow(flow, plugins), history, plugins).resume(crashed.id))
+    run_id, result = resume_crashed(flow, project / "plugins", history)
     assert result.status == "succeeded", result.error
     assert result.counts["delivered"] == 6
     assert len(fake_openai.completions) == paid_before  # every answer came from the record
     saved = [json.loads(line) for line in (project / "workflows" / "out.jsonl").read_text().splitlines()]
     assert all(row["triage"]["category"] in ("billing", "bug", "other") for row in saved)
-    usage = history.model_usage(crashed.id)
+    usage = history.model_usage(run_id)
     assert usage["classify"]["calls"] == 6  # the bill shows the six calls once
     history.close()
