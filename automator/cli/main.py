@@ -13,6 +13,9 @@ import yaml
 
 from automator.cli import render
 from automator.cli.common import Settings, echo_json, is_terminal, settings, stderr, stdout
+from automator.cli.costs import costs
+from automator.cli.daemon import daemon, trigger
+from automator.cli.export import export
 from automator.errors import AutomatorError, ConfigError, Problem, WorkflowFileError
 from automator.history import db
 from automator.spec.loader import WORKFLOW_SUFFIXES, load_workflow
@@ -278,10 +281,6 @@ def db_current(ctx: click.Context) -> None:
 
 
 # --- commands from other modules ---
-from automator.cli.costs import costs  # noqa: E402
-from automator.cli.daemon import daemon, trigger  # noqa: E402
-from automator.cli.export import export  # noqa: E402
-
 cli.add_command(costs)
 cli.add_command(daemon)
 cli.add_command(trigger)

@@ -21,7 +21,7 @@ from typing import Any
 from automator import templates
 from automator.engine.calls import Caller, describe_error
 from automator.engine.context import RunContext
-from automator.errors import QuarantineItem, SkipItem, StepError
+from automator.errors import ConfigError, HistoryError, QuarantineItem, SkipItem, StepError
 from automator.history.store import History, ItemRow, OutcomeRow
 from automator.plugins.events import ItemOutcome, RunFinished, RunInfo, RunStarted, StepFinished, StepStarted
 from automator.plugins.manager import Plugins
@@ -65,8 +65,6 @@ def owner_id() -> str:
 
 
 def resolve_params(workflow: Workflow, given: dict[str, Any] | None) -> dict[str, Any]:
-    from automator.errors import ConfigError
-
     params = dict(workflow.spec.params)
     for name, value in (given or {}).items():
         if name not in params:
@@ -185,8 +183,6 @@ class Run:
         in flight at the crash is sent again, with the same idempotency key, so the receiver
         can tell the repeat. The caller has claimed the run (status ``running``, owner).
         """
-        from automator.errors import HistoryError
-
         record = self.history.get_run(run_id)
         if record is None:
             raise HistoryError(f"no run with id {run_id} to resume")
@@ -209,8 +205,6 @@ class Run:
 
     async def notify_failure(self, run_id: int) -> RunResult:
         """Run the on_failure steps for a run that ended without its engine (it crashed)."""
-        from automator.errors import HistoryError
-
         record = self.history.get_run(run_id)
         if record is None:
             raise HistoryError(f"no run with id {run_id}")
@@ -382,9 +376,7 @@ class Run:
         attempt_id, started = self._step_started(bound, 0)
         attempt = 1
 
-        def record_failed_attempt(exc: BaseException) -> None:
-            # each try of a fetch is its own step attempt in the history
-            nonlocal attempt_id, started, attempt
+        def fetch_failed(exc: BaseException, retries: int) -> str:
             error = self._timeout_text(exc, caller) or describe_error(exc)
             self._step_finished(
                 bound,
@@ -394,9 +386,15 @@ class Run:
                 error=error,
                 items_in=0,
                 items_out=0,
-                retries=0,
+                retries=retries,
                 summary=None,
             )
+            return error
+
+        def record_failed_attempt(exc: BaseException) -> None:
+            # each try of a fetch is its own step attempt in the history
+            nonlocal attempt_id, started, attempt
+            fetch_failed(exc, 0)
             attempt += 1
             attempt_id, started = self._step_started(bound, 0, attempt=attempt)
 
@@ -411,18 +409,7 @@ class Run:
                 )
             fetched = list(raw)
         except Exception as exc:  # noqa: BLE001 - any failure of the fetch ends the run, recorded
-            error = self._timeout_text(exc, caller) or describe_error(exc)
-            self._step_finished(
-                bound,
-                attempt_id,
-                started,
-                status="failed",
-                error=error,
-                items_in=0,
-                items_out=0,
-                retries=caller.retries,
-                summary=None,
-            )
+            error = fetch_failed(exc, caller.retries)
             await step.close()
             raise _StopRun(f"step {bound.id} ({bound.type.name}) failed: {error}", bound.id) from None
         await step.close()
@@ -543,7 +530,7 @@ class Run:
         total = len(items)
 
         concurrency = bound.spec.concurrency or bound.type.default_concurrency
-        runs_inline = not (bound.type.blocking or _is_async(method))
+        runs_inline = not (bound.type.blocking or inspect.iscoroutinefunction(method))
 
         async def one(index: int, item: Item) -> None:
             nonlocal done
@@ -698,12 +685,6 @@ class Run:
                 retries=caller.retries,
                 summary=None,
             )
-
-
-def _is_async(method: Any) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(method)
 
 
 async def run_workflow(
