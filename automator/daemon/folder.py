@@ -15,7 +15,7 @@ from pathlib import Path
 
 from automator.errors import Problem, WorkflowFileError
 from automator.plugins.manager import Plugins
-from automator.spec.loader import WORKFLOW_SUFFIXES, Workflow, load_workflow_text
+from automator.spec.loader import WORKFLOW_SUFFIXES, Workflow, load_workflow_text, read_workflow_text
 
 log = logging.getLogger("automator.daemon")
 
@@ -64,9 +64,9 @@ class WorkflowFolder:
                 continue
             self._seen[path] = signature
             try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                self._fail(path, [Problem(str(path), 1, 1, f"cannot read the file: {exc}")], changes)
+                text = read_workflow_text(path)
+            except WorkflowFileError as exc:
+                self._fail(path, exc.problems, changes)
                 continue
             digest = hashlib.sha256(text.encode()).hexdigest()
             if self._digest.get(path) == digest:
@@ -75,7 +75,7 @@ class WorkflowFolder:
             self._load(path, text, changes)
         for path in set(self._seen) - set(present):
             for table in (self._seen, self._digest, self._good, self.broken):
-                table.pop(path, None)  # type: ignore[attr-defined]
+                table.pop(path, None)
             log.info("workflow file removed: %s", path, extra={"file": str(path)})
         self._rebuild(changes)
         return changes
@@ -85,6 +85,13 @@ class WorkflowFolder:
             workflow = load_workflow_text(text, path, self.plugins)
         except WorkflowFileError as exc:
             self._fail(path, exc.problems, changes)
+            return
+        except Exception as exc:
+            # a bug, in a plugin's hook or in our loader: one file must only ever cost that file,
+            # never the scan of the others (nor the daemon's housekeeping); the traceback is logged
+            log.exception("loading workflow file %s failed unexpectedly", path, extra={"file": str(path)})
+            problem = Problem(str(path), 1, 1, f"cannot load the file: {type(exc).__name__}: {exc}")
+            self._fail(path, [problem], changes)
             return
         for other_path, other in self._good.items():
             if other_path != path and other.name == workflow.name:

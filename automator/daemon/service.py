@@ -124,7 +124,8 @@ class Daemon:
             max_concurrent_runs=self.options.max_concurrent_runs,
             loop=loop,
         )
-        changes = self.folder.scan()
+        # in a thread: the signal handlers above stay live while the folder is read
+        changes = await asyncio.to_thread(self.folder.scan)
         self._count_reloads(changes)
         self.scheduler = AsyncIOScheduler(
             executors={"default": _DispatchExecutor()},
@@ -140,7 +141,7 @@ class Daemon:
             self.dispatcher.fire(fire)
         self.scheduler.start()
         for workflow in self.folder.workflows.values():
-            await self._schedule(workflow, startup=True)
+            await self._schedule_one(workflow, startup=True)
         self.metrics.up.set(1)
         self._update_gauges()
         log.info(
@@ -368,6 +369,10 @@ class Daemon:
             except AutomatorError as exc:
                 # the database may be away for a moment; the daemon keeps its schedule
                 log.error("housekeeping: %s", exc.message, extra={"error": exc.message})
+            except Exception as exc:
+                # a bug in one round (a file, a plugin) must not end hot reload, manual triggers
+                # and crash recovery for good: log it with its traceback and go on with the next
+                log.exception("housekeeping round failed: %r", exc, extra={"error": type(exc).__name__})
             self._update_gauges()
 
     async def _apply(self, changes: Changes) -> None:
@@ -382,7 +387,19 @@ class Daemon:
                 workflow.version,
                 extra={"workflow": workflow.name, "version": workflow.version, "file": str(workflow.path)},
             )
-            await self._schedule(workflow, startup=False)
+            await self._schedule_one(workflow, startup=False)
+
+    async def _schedule_one(self, workflow: Workflow, *, startup: bool) -> None:
+        """Schedule one workflow; a failure costs that workflow only, never the others or the daemon."""
+        try:
+            await self._schedule(workflow, startup=startup)
+        except AutomatorError:
+            raise  # the database: housekeeping says so and tries again
+        except Exception:
+            # a bug (a schedule the trigger library cannot compute, say): the workflow is not
+            # scheduled and the log says why, with the traceback; the other workflows go on
+            self._unschedule(workflow.name)
+            log.exception("cannot schedule workflow %s", workflow.name, extra={"workflow": workflow.name})
 
     def _count_reloads(self, changes: Changes) -> None:
         if changes.updated:

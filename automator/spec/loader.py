@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,9 @@ if typing.TYPE_CHECKING:
     from automator.plugins.manager import Plugins
 
 WORKFLOW_SUFFIXES = (".yaml", ".yml")
+MAX_MESSAGE = 300  # a message quotes what was written; a 1 MB value must not become a 1 MB line
+
+log = logging.getLogger("automator.workflows")
 
 
 @dataclass
@@ -72,11 +77,11 @@ class _Checker:
 
     def at_value(self, path: YamlPath, message: str, line_offset: int = 0) -> None:
         pos = self.located.value_at(path)
-        self.problems.append(Problem(self.filename, pos.line + line_offset, pos.column, message))
+        self.problems.append(Problem(self.filename, pos.line + line_offset, pos.column, _shorten(message)))
 
     def at_key(self, path: YamlPath, message: str) -> None:
         pos = self.located.key_at(path)
-        self.problems.append(Problem(self.filename, pos.line, pos.column, message))
+        self.problems.append(Problem(self.filename, pos.line, pos.column, _shorten(message)))
 
     def pydantic_errors(self, error: ValidationError, model: type[BaseModel], prefix: YamlPath = ()) -> None:
         for item in error.errors(include_url=False):
@@ -99,8 +104,66 @@ class _Checker:
                 absent = [str(p) for p in intended[len(parent) :] if not isinstance(p, int)]
                 self.at_value(parent, f"missing required key {'.'.join(absent)!r}")
             else:
-                where = ".".join(str(p) for p in path[len(prefix) :]) or "value"
-                self.at_value(path, f"{where}: {message}")
+                key = None
+                if _allowed_keys(model, model_path):  # an error of a whole model: its model validator's
+                    key = _key_named(item, message, _at_path(self.located.data, path))
+                if key is not None:  # a model validator's error about one of its keys
+                    path = (*path, key)
+                where = ".".join(str(p) for p in path[len(prefix) :]) or (str(prefix[-1]) if prefix else "value")
+                if key is not None or (not loc and isinstance(_at_path(self.located.data, path), dict)):
+                    # a step's whole config is wrong: show its key (`with:`), not its first entry
+                    self.at_key(path, f"{where}: {message}")
+                else:
+                    self.at_value(path, f"{where}: {message}")
+
+
+def _shorten(message: str) -> str:
+    message = " ".join(message.split())  # one problem, one line
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+_ABSENT = object()
+
+
+def _child(data: Any, part: str | int) -> Any:
+    """``data[part]`` if the file has it there, else _ABSENT."""
+    if isinstance(data, dict):
+        return data.get(part, _ABSENT)
+    if isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+        return data[part]
+    return _ABSENT
+
+
+def _at_path(data: Any, path: YamlPath) -> Any:
+    for part in path:
+        data = _child(data, part)
+        if data is _ABSENT:
+            break
+    return data
+
+
+def _key_named(item: Any, message: str, mapping: Any) -> str | None:
+    """The key of ``mapping`` that an error about the whole mapping names, if any.
+
+    A model validator's error has no location of its own: it may name a key in its
+    context (``PydanticCustomError(..., {"field": "port"})``), or mention keys in its
+    message; the key it names first is where the problem is shown.
+    """
+    if not isinstance(mapping, dict) or not mapping:
+        return None
+    ctx = item.get("ctx") or {}
+    named = ctx.get("field")
+    if isinstance(named, str) and named in mapping:
+        return named
+    for pattern in (r"[`'\"]{key}[`'\"]|\b{key}\s*:", r"(?<![\w.-]){key}(?![\w-])"):
+        mentions = {}
+        for key in mapping:
+            found = re.search(pattern.format(key=re.escape(key)), message) if isinstance(key, str) else None
+            if found is not None:
+                mentions[key] = found.start()
+        if mentions:
+            return min(mentions, key=mentions.__getitem__)  # the key the message names first
+    return None
 
 
 def _resolve(data: Any, prefix: YamlPath, loc: tuple[Any, ...]) -> YamlPath:
@@ -108,11 +171,8 @@ def _resolve(data: Any, prefix: YamlPath, loc: tuple[Any, ...]) -> YamlPath:
     path: list[str | int] = []
     current = data
     for part in prefix:
-        if (isinstance(current, dict) and part in current) or (
-            isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
-        ):
-            current = current[part]
-        else:
+        current = _child(current, part)
+        if current is _ABSENT:
             return tuple(path)  # the section itself is absent (no `with:`): report at its parent
         path.append(part)
     for i, part in enumerate(loc):
@@ -158,15 +218,35 @@ def _allowed_keys(model: type[BaseModel], path: YamlPath) -> list[str]:
     return keys
 
 
+# A workflow file is a page or two of YAML; PyYAML reads about 1 MB a second, so a file
+# this large is a mistake (a log or a data file saved as .yaml), not a workflow.
+MAX_FILE_BYTES = 1024 * 1024
+
+
+def read_workflow_text(path: Path) -> str:
+    """A workflow file's text; raises WorkflowFileError (at the bad byte, where there is one)."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise WorkflowFileError([Problem(str(path), 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        message = f"the file is larger than {MAX_FILE_BYTES // 1024} KB: is it really a workflow file?"
+        raise WorkflowFileError([Problem(str(path), 1, 1, message)])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", errors="replace")) + 1
+        message = f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} here); save it as UTF-8"
+        raise WorkflowFileError([Problem(str(path), line, column, message)]) from None
+
+
 def load_workflow(path: Path | str, plugins: Plugins) -> Workflow:
     """Read and check a workflow file; raises WorkflowFileError listing every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise WorkflowFileError([Problem(str(path), 1, 1, f"cannot read the file: {reason}")]) from None
-    return load_workflow_text(text, path, plugins)
+    return load_workflow_text(read_workflow_text(path), path, plugins)
 
 
 def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
@@ -175,7 +255,7 @@ def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
         located = load_located(text)
     except YamlSyntaxError as exc:
         pos = exc.position
-        raise WorkflowFileError([Problem(filename, pos.line, pos.column, str(exc))]) from None
+        raise WorkflowFileError([Problem(filename, pos.line, pos.column, _shorten(str(exc)))]) from None
     check = _Checker(filename, located)
     data = located.data
     if data is None:
@@ -199,7 +279,7 @@ def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
     steps = _bind_steps(check, data, "steps", plugins)
     on_failure = _bind_steps(check, data, "on_failure", plugins)
     _check_structure(check, data, steps, on_failure)
-    _check_templates(check, data)
+    _check_templates(check, data, plugins.templates)
 
     if check.problems or spec is None:
         raise WorkflowFileError(check.problems)
@@ -250,6 +330,16 @@ def _bind_steps(check: _Checker, data: dict[str, Any], section: str, plugins: Pl
         except ValidationError as exc:
             check.pydantic_errors(exc, step_type.Config, (section, i, "with"))
             continue
+        except Exception as exc:  # a plugin's validator may raise anything
+            # pydantic turns only ValueError and AssertionError into validation errors; anything
+            # else is a bug in the plugin, reported against this step instead of ending the load
+            log.warning("%s: the config check of %s raised", check.filename, uses, exc_info=exc)
+            check.at_key(
+                (section, i, "with"),
+                f"the config check of step type {uses!r} failed: {type(exc).__name__}: {exc} "
+                f"(a bug in plugin {plugins.step_plugin.get(uses, '?')})",
+            )
+            continue
         try:
             spec = StepSpec.model_validate(raw)
         except ValidationError:
@@ -294,9 +384,10 @@ def _check_structure(
             )
 
 
-def _check_templates(check: _Checker, data: dict[str, Any]) -> None:
+def _check_templates(check: _Checker, data: dict[str, Any], environment: templates.Templates) -> None:
+    """Templates checked against the filters and globals of the plugins the file is loaded with."""
     declared_params = set(data.get("params") or {}) if isinstance(data.get("params"), dict) else set()
-    known_names = templates.CONTEXT_NAMES | set(templates.ENVIRONMENT.globals)
+    known_names = environment.known_names
     for section in ("steps", "on_failure"):
         raw_steps = data.get(section)
         if not isinstance(raw_steps, list):
@@ -313,12 +404,17 @@ def _check_templates(check: _Checker, data: dict[str, Any]) -> None:
                 if not templates.is_template(text):
                     continue
                 try:
-                    names, lookups = templates.references(text)
+                    names, lookups = environment.references(text)
+                    unknown_filters = environment.unknown_filters(text)
                 except templates.TemplateSyntaxProblemError as exc:
                     offset = exc.line if path in check.located.block_scalars else exc.line - 1
                     check.at_value(path, str(exc), line_offset=offset)
                     continue
-                for name in sorted(templates.unknown_filters(text)):
+                except RecursionError:
+                    # Jinja's parser and visitors recurse once per level of (, [, { and block tags
+                    check.at_value(path, "the template is nested too deeply to read; split it up")
+                    continue
+                for name in sorted(unknown_filters):
                     check.at_value(
                         path, f"unknown filter {name!r} in template (is the plugin that provides it installed?)"
                     )

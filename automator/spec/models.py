@@ -7,7 +7,7 @@ These models check everything that does not depend on installed plugins; each st
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,15 +22,17 @@ WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # validate_default: a default is checked (and parsed) like a value written in the file,
+    # so a default can never be of a type the code does not expect
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
 
 class RetryPolicy(SpecModel):
     """How often a step is tried, and how long to wait between tries."""
 
     attempts: int = Field(3, ge=1, le=100, description="Tries in all, the first included.")
-    backoff: Duration = Field("1s", description="Wait before the second try; doubles after each.")
-    max_backoff: Duration = Field("1m", description="The longest wait between two tries.")
+    backoff: Duration = Field(timedelta(seconds=1), description="Wait before the second try; doubles after each.")
+    max_backoff: Duration = Field(timedelta(minutes=1), description="The longest wait between two tries.")
 
 
 class Schedule(SpecModel):
@@ -64,6 +66,14 @@ class Schedule(SpecModel):
     def _every(cls, value: Any) -> Any:
         if value is not None and value.total_seconds() < 1:
             raise ValueError("an interval must be at least 1s")
+        return value
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, value: datetime | None) -> datetime | None:
+        # the scheduler works in UTC timestamps: a time near year 1 or 9999 overflows there
+        if value is not None and not 1970 <= value.year <= 9998:
+            raise ValueError(f"the time {value.isoformat()} is out of range: use a year from 1970 to 9998")
         return value
 
     @model_validator(mode="after")

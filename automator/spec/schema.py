@@ -8,14 +8,39 @@ type's own config model, with its field descriptions.
 from __future__ import annotations
 
 import copy
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from pydantic.json_schema import GenerateJsonSchema
+
+from automator.spec.durations import format_duration
 from automator.spec.models import WorkflowSpec
 
 if TYPE_CHECKING:
     from automator.plugins.manager import Plugins
 
 SCHEMA_ID = "https://automator.dev/schemas/workflow.schema.json"
+
+
+class WorkflowSchemaGenerator(GenerateJsonSchema):
+    """pydantic's generator, with defaults written as a workflow file writes them.
+
+    pydantic renders a timedelta default in ISO 8601 (``PT30S``), which our duration
+    type refuses; an editor would offer a default that ``automator validate`` rejects.
+    """
+
+    def encode_default(self, dft: Any) -> Any:
+        return super().encode_default(_as_written(dft))
+
+
+def _as_written(value: Any) -> Any:
+    if isinstance(value, timedelta):
+        return format_duration(value)
+    if isinstance(value, dict):
+        return {k: _as_written(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_written(v) for v in value]
+    return value
 
 
 def _lift_defs(schema: dict[str, Any], defs: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -41,7 +66,7 @@ def _lift_defs(schema: dict[str, Any], defs: dict[str, Any], prefix: str) -> dic
 
 
 def workflow_json_schema(plugins: Plugins) -> dict[str, Any]:
-    schema = WorkflowSpec.model_json_schema(by_alias=True)
+    schema = WorkflowSpec.model_json_schema(by_alias=True, schema_generator=WorkflowSchemaGenerator)
     defs: dict[str, Any] = schema.setdefault("$defs", {})
     step = defs["StepSpec"]
     names = sorted(plugins.step_types)
@@ -53,7 +78,9 @@ def workflow_json_schema(plugins: Plugins) -> dict[str, Any]:
     branches: list[dict[str, Any]] = []
     for name in names:
         step_type = plugins.step_types[name]
-        config_schema = _lift_defs(step_type.Config.model_json_schema(by_alias=True), defs, name)
+        config_schema = _lift_defs(
+            step_type.Config.model_json_schema(by_alias=True, schema_generator=WorkflowSchemaGenerator), defs, name
+        )
         config_schema.pop("title", None)
         description = step_type.description or (step_type.__doc__ or "").strip().splitlines()[0:1]
         if isinstance(description, list):

@@ -173,7 +173,7 @@ def test_a_missing_required_setting(cli, write_workflow) -> None:
         ('cron: "0 9 * * 8"', "2:9", "invalid day of week '8'"),
         ("every: 5 minutes", "2:10", "invalid duration '5 minutes'"),
         ("every: 15m\n  timezone: Mars/Olympus", "3:13", "unknown time zone 'Mars/Olympus'"),
-        ("every: 15m\n  cron: '* * * * *'", "2:3", "exactly one of cron, every or at (found cron, every)"),
+        ("every: 15m\n  cron: '* * * * *'", "3:3", "exactly one of cron, every or at (found cron, every)"),
     ],
 )
 def test_bad_schedules(cli, write_workflow, schedule: str, line_col: str, message: str) -> None:
