@@ -32,16 +32,13 @@ class TemplateTransform(TransformStep[TemplateTransformConfig]):
 
     def transform(self, item: Item) -> Any:
         cfg = self.config
-        context = self.template_context(item)
-        from automator import templates
-
         if cfg.mapping is not None:
-            result: Any = templates.render_value(cfg.mapping, context)
+            result: Any = self.render(cfg.mapping, item)
             if cfg.merge and isinstance(item.data, dict):
                 result = {**item.data, **result}
         else:
             assert cfg.template is not None
-            result = templates.render(cfg.template, context)
+            result = self.render(cfg.template, item)
         if cfg.into:
             return {**item.data, cfg.into: result}
         if isinstance(result, dict):
