@@ -13,6 +13,7 @@ from sqlalchemy import and_, select
 from automator.cli.common import settings, stderr
 from automator.errors import ConfigError
 from automator.history.models import LedgerItem, ModelCall
+from automator.redaction import process_redactor
 
 MIN_EXAMPLES = 10  # OpenAI refuses smaller training files
 
@@ -40,7 +41,9 @@ def finetune_examples(history: Any, workflow: str, step_id: str) -> list[dict[st
         for prompt, response in conn.execute(query):
             if not isinstance(prompt, list) or response is None:
                 continue
-            example = {"messages": [*prompt, {"role": "assistant", "content": response}]}
+            # runs stored these redacted; a history written by an older version may not be:
+            # the file goes to a third party, so the secrets this process knows go again
+            example = process_redactor().data({"messages": [*prompt, {"role": "assistant", "content": response}]})
             text = json.dumps(example, ensure_ascii=False, sort_keys=True)
             if text not in seen:
                 seen.add(text)

@@ -22,6 +22,7 @@ from automator.daemon.store import DaemonStore
 from automator.engine.runner import owner_id
 from automator.history.store import History
 from automator.plugins.manager import Plugins
+from automator.redaction import process_redactor
 from automator.spec.loader import Workflow
 
 log = logging.getLogger("automator.daemon")
@@ -185,10 +186,12 @@ class Dispatcher:
         elif handle.cancelled:
             log.warning("run %s of %s interrupted", handle.run_id, name, extra={**extra, "status": "interrupted"})
         elif handle.error is not None:
-            log.error("run of %s could not run: %s", name, handle.error, extra={**extra, "error": str(handle.error)})
+            # outside the run's own redaction: an exception may quote a secret the run read
+            error = process_redactor().text(str(handle.error)) or type(handle.error).__name__
+            log.error("run of %s could not run: %s", name, error, extra={**extra, "error": error})
             if handle.fire.request_id is not None:
-                self.store.settle_request(handle.fire.request_id, status="rejected", error=str(handle.error))
+                self.store.settle_request(handle.fire.request_id, status="rejected", error=error)
             if handle.run_id is not None:
                 # the engine could not close its run (the database failed under it, say)
-                self.store.end_run(handle.run_id, status="failed", reason=f"the daemon lost the run: {handle.error}")
+                self.store.end_run(handle.run_id, status="failed", reason=f"the daemon lost the run: {error}")
         self.pump()

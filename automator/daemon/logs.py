@@ -8,6 +8,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from automator.redaction import RedactingFilter
+
 LogFormat = Literal["json", "text"]
 
 # attributes every LogRecord has; anything else was passed with ``extra=`` and is kept
@@ -27,9 +29,28 @@ class JsonLines(logging.Formatter):
         for name, value in vars(record).items():
             if name not in _STANDARD and not name.startswith("_"):
                 data[name] = value
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # as logging.Formatter does: the cached text (the redacting filter cleaned it)
+            data["exception"] = record.exc_text
         return json.dumps(data, ensure_ascii=False, default=str)
+
+
+# libraries' loggers kept at WARNING: their INFO lines are not what an operator wants, and
+# httpx's name every request's URL (which may carry a secret webhook token)
+QUIET_LOGGERS = ("httpx", "httpcore", "apscheduler", "alembic")
+
+
+def quiet_libraries() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def redact_handlers(logger: logging.Logger) -> None:
+    """Every handler of ``logger`` drops the secrets the process knows from what it writes."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def setup_logging(fmt: LogFormat | None, *, verbose: bool = False) -> None:
@@ -45,7 +66,6 @@ def setup_logging(fmt: LogFormat | None, *, verbose: bool = False) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    redact_handlers(root)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # APScheduler logs every job execution at INFO: our own run lines say more
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    quiet_libraries()

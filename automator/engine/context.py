@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from automator.errors import TemplateRenderError
+from automator.redaction import Redactor
 
 if TYPE_CHECKING:
     from automator.history.store import History
@@ -18,36 +18,6 @@ if TYPE_CHECKING:
     from automator.spec.loader import Workflow
 
 SECRET_ENV_PREFIX = "AUTOMATOR_SECRET_"
-REDACTED = "***"
-
-
-class Redactor:
-    """Replaces every secret value a run has used wherever the run writes text."""
-
-    def __init__(self) -> None:
-        self._values: set[str] = set()
-
-    def add(self, value: str) -> None:
-        # very short values would blank out ordinary text; they are not secrets worth the name
-        if len(value) >= 4:
-            self._values.add(value)
-
-    def __bool__(self) -> bool:
-        return bool(self._values)
-
-    def text(self, value: str | None) -> str | None:
-        if value is None or not self._values:
-            return value
-        for secret in sorted(self._values, key=len, reverse=True):
-            value = value.replace(secret, REDACTED)
-        return value
-
-    def data(self, value: Any) -> Any:
-        if not self._values or value is None:
-            return value
-        encoded = json.dumps(value, ensure_ascii=False, default=str)
-        cleaned = self.text(encoded)
-        return value if cleaned == encoded else json.loads(cleaned or "null")
 
 
 class Secrets(Mapping[str, str]):
@@ -119,6 +89,15 @@ class RunContext:
         if item is None:
             return self._base
         return {**self._base, "item": item.data, "steps": item.steps}
+
+    # rendering uses the templates of this run's plugins: their filters and globals only
+
+    def render(self, value: Any, item: Item | None = None) -> Any:
+        """Render every template in ``value`` (a string, dict or list) for ``item`` (or none)."""
+        return self.plugins.templates.render_value(value, self.template_context(item))
+
+    def render_text(self, text: str, item: Item | None = None) -> str:
+        return self.plugins.templates.render_text(text, self.template_context(item))
 
     def add_secret(self, value: str) -> None:
         """Keep a secret a step read by itself (an API key, say) out of everything written."""
