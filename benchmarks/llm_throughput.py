@@ -4,8 +4,12 @@ The fake OpenAI server (tests/llm/fake_openai.py) runs in its own process, answe
 after 200 ms and enforcing requests and tokens per minute set so that both limits allow
 about the same rate (either can bind). The run goes through the real engine, history
 and SDK. Reported: achieved requests/s and items/s against the ceiling the limits allow,
+the share of the TPM ceiling reached (a request counted as the API counts it: its messages
+plus max_tokens, not the output schema; a limit's bucket starts with a minute's allowance),
 429s, items lost (must be 0), and cost per 1,000 items naive (item text first, no cache)
 against ours (static instructions first so the prompt cache applies; response cache).
+Then a burst start: a job that fits in one minute's quota, paced by our limiter (``rpm:``
+set) against an unpaced client (no limits anywhere): the limiter must not slow it down.
 
 ``python benchmarks/llm_throughput.py`` or via ``python benchmarks/run.py --only llm``.
 """
@@ -29,7 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 ITEMS = 2_000
 DUPLICATE_SHARE = 0.10  # tickets sent twice (a re-opened ticket, a retried webhook)
 LATENCY_S = 0.2
-REQUESTS_PER_S = 60  # the request limit: 3,600 RPM
+REQUESTS_PER_S = 20  # the request limit: 1,200 RPM, so the job is larger than one minute's allowance
+BURST_ITEMS = 2_000
+BURST_RPM = 3_000
 MAX_OUTPUT = 60
 NAIVE_SAMPLE = 200
 CONCURRENCY = 32
@@ -56,7 +62,7 @@ def tickets() -> list[dict[str, Any]]:
     return items
 
 
-def workflow(name: str, *, naive: bool) -> str:
+def workflow(name: str, *, naive: bool, extra: str = "") -> str:
     instructions = json.dumps("You are a helpful assistant." if naive else INSTRUCTIONS)
     # naive: the item first and the long instructions after it, so no two prompts share a prefix
     user = json.dumps(("{{ item.text }}\n\n" + INSTRUCTIONS) if naive else "{{ item.text }}")
@@ -75,20 +81,19 @@ steps:
       output: {{schema: {{category: [billing, bug, how-to, other]}}}}
       max_output_tokens: {MAX_OUTPUT}
       cache: {"false" if naive else "true"}
+      {extra}
 """
 
 
 def tokens_per_request(items: list[dict[str, Any]]) -> float:
-    """What the TPM limit counts per request: the prompt estimate plus max output."""
-    from automator.llm.schema import build
+    """What the TPM limit counts per request, as the API does: the messages plus max output (no schema)."""
     from automator.llm.tokens import count_messages
 
-    schema = build({"category": ["billing", "bug", "how-to", "other"]}).sent
     sample = items[:200]
     total = 0
     for item in sample:
         messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": item["text"]}]
-        total += count_messages(messages, schema=schema) + MAX_OUTPUT
+        total += count_messages(messages) + MAX_OUTPUT
     return total / len(sample)
 
 
@@ -112,7 +117,9 @@ def server_stats(base_url: str) -> dict[str, int]:
         return {int(k): v for k, v in json.load(response)["statuses"].items()}
 
 
-def run_once(folder: Path, name: str, items: list[dict[str, Any]], base_url: str, *, naive: bool) -> dict[str, Any]:
+def run_once(
+    folder: Path, name: str, items: list[dict[str, Any]], base_url: str, *, naive: bool, extra: str = ""
+) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from automator.engine.runner import run_workflow
@@ -123,7 +130,7 @@ def run_once(folder: Path, name: str, items: list[dict[str, Any]], base_url: str
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    (folder / "flow.yaml").write_text(workflow(name, naive=naive))
+    (folder / "flow.yaml").write_text(workflow(name, naive=naive, extra=extra))
     os.environ["OPENAI_BASE_URL"] = base_url
     os.environ["OPENAI_API_KEY"] = "sk-benchmark"
     history = History(f"sqlite:///{folder / 'history.db'}")
@@ -161,7 +168,9 @@ def main() -> list[tuple[str, str]]:
         with tempfile.TemporaryDirectory() as tmp:
             ours = run_once(Path(tmp) / "ours", "ours", items, base_url, naive=False)
             stats = server_stats(base_url)
-        ceiling_rps = min(rpm / 60, tpm / 60 / per_request)
+        # what the limits allow over the run's time: a full minute's bucket at the start, then the rate
+        span = ours["elapsed"]
+        ceiling_rps = min(rpm + rpm / 60 * span, (tpm + tpm / 60 * span) / per_request) / span
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -169,9 +178,16 @@ def main() -> list[tuple[str, str]]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             naive = run_once(Path(tmp) / "naive", "naive", items[:NAIVE_SAMPLE], naive_url, naive=True)
+            # a job within one minute's quota: the same items unpaced, then paced at BURST_RPM
+            burst = [dict(i, text=f"{i['text']} #{n}") for n, i in enumerate(items[:BURST_ITEMS])]
+            unpaced = run_once(Path(tmp) / "unpaced", "unpaced", burst, naive_url, naive=False)
+            paced = run_once(Path(tmp) / "paced", "paced", burst, naive_url, naive=False, extra=f"rpm: {BURST_RPM}")
     finally:
         naive_server.terminate()
         naive_server.wait(timeout=10)
+    # what the TPM limit allowed over the run: a full minute at the start, then tpm/60 per second
+    tpm_allowed = tpm + tpm / 60 * ours["elapsed"]
+    tpm_used = ours["requests_ok"] * per_request
     achieved_rps = ours["requests_ok"] / ours["elapsed"]
     # the items whose answers came from the response cache need no request at all
     ceiling_items = ceiling_rps * ITEMS / max(ours["requests_ok"], 1)
@@ -184,7 +200,17 @@ def main() -> list[tuple[str, str]]:
         ("limits", f"{rpm:,} RPM / {tpm:,} TPM ({per_request:,.0f} tokens per request counted)"),
         ("requests/s", f"{achieved_rps:.1f} of a {ceiling_rps:.1f} ceiling ({achieved_rps / ceiling_rps:.0%})"),
         ("items/s", f"{achieved_items:.1f} of a {ceiling_items:.1f} ceiling ({achieved_items / ceiling_items:.0%})"),
+        (
+            "TPM ceiling reached",
+            f"{tpm_used / tpm_allowed:.0%} of the {tpm_allowed:,.0f} tokens the limit allowed in "
+            f"{ours['elapsed']:.1f} s (a full minute at the start, then {tpm / 60:,.0f}/s)",
+        ),
         ("429s", str(stats.get(429, 0))),
+        (
+            "burst start vs unpaced",
+            f"{paced['elapsed']:.1f} s paced at {BURST_RPM:,} RPM vs {unpaced['elapsed']:.1f} s unpaced "
+            f"({paced['elapsed'] / unpaced['elapsed']:.2f}x; {BURST_ITEMS:,} requests fit in a minute's quota)",
+        ),
         ("outcomes", ", ".join(f"{k} {v}" for k, v in counts.items())),
         ("items lost", str(ours["lost"])),
         ("cost / 1,000 items naive", f"${naive_per_1000:.6f} (item first, no cache; {NAIVE_SAMPLE} items)"),

@@ -15,15 +15,14 @@ import inspect
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from automator import templates
 from automator.engine.context import RunContext
 from automator.errors import ItemSignal, StepError
 from automator.history.store import History
 from automator.plugins.events import RunInfo
 from automator.plugins.manager import Plugins
-from automator.plugins.steps import PHASE_METHOD, Item, Phase
+from automator.plugins.steps import PHASE_METHOD, FetchStep, Item, Phase
 from automator.spec.loader import Workflow
 
 
@@ -96,15 +95,15 @@ async def estimate(
         step = bound.type(bound.config, ctx, bound.id)
         if bound.phase is Phase.FETCH:
             try:
-                fetched = list(await _call(step.fetch) or [])
+                fetched = list(await _call(cast(FetchStep[Any], step).fetch) or [])
             finally:
                 await step.close()
-            batch = []
+            batch: list[Item] = []
             for data in fetched:
                 data = data if isinstance(data, dict) else {"value": data}
                 item = Item(seq=len(items) + len(batch), data=data, steps={bound.id: data})
                 if bound.spec.key is not None:
-                    item.key = str(templates.render_text(bound.spec.key, ctx.template_context(item)))
+                    item.key = ctx.render_text(bound.spec.key, item)
                 batch.append(item)
             only_new = bound.spec.only_new if bound.spec.only_new is not None else bound.spec.key is not None
             delivered = history.delivered_keys(workflow.name, [i.key for i in batch if i.key]) if only_new else {}
@@ -145,7 +144,9 @@ def _model_step(step_id: str, step: Any, items: list[Item]) -> StepEstimate:
         try:
             numbers = step.estimate_item(item)
         except (ItemSignal, StepError) as exc:
-            reason = _short(getattr(exc, "reason", None) or getattr(exc, "message", str(exc)))
+            # secrets out before the cut: part of a secret would not be recognised
+            text = getattr(exc, "reason", None) or getattr(exc, "message", str(exc))
+            reason = _short(step.context.redactor.text(text) or "")
             found.not_sent[reason] = found.not_sent.get(reason, 0) + 1
             continue
         found.items += 1

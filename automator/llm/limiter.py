@@ -1,9 +1,10 @@
 """A client-side limiter for requests and tokens per minute, learned from x-ratelimit-* headers.
 
-Each limit is a token bucket refilled continuously at limit/60 per second, starting
-empty, and holding at most ``burst`` seconds of budget: a large run paces itself at the
-account's rate from its first request instead of bursting into a wall of 429s. A request larger than the bucket waits
-until the bucket is full and then borrows (the level goes negative), so nothing stalls.
+Each limit is a token bucket, as OpenAI's own limits are: it starts full, holding one
+minute's allowance, and refills continuously at limit/60 per second. A job that fits in
+one minute's quota goes out at once; a larger one uses that minute's allowance and then
+runs at the account's rate. A request larger than the bucket waits until the bucket is
+full and then borrows (the level goes negative), so nothing stalls.
 
 Limits come from the step's config and from the server's headers (the lower wins); the
 ``remaining`` headers pull the local level down when the server knows better (another
@@ -57,9 +58,9 @@ class Bucket:
     stamp: float = field(default=0.0)
 
     def __post_init__(self) -> None:
-        # start empty: a run paces itself from its first request instead of bursting
+        # start full, as the API's own bucket does: what one minute allows needs no waiting
         self.stamp = self.clock()
-        self.level = 0.0
+        self.level = self.capacity if self.limit is not None else 0.0
 
     @property
     def limit(self) -> int | None:
@@ -99,7 +100,8 @@ class Bucket:
             first = self.learned is None and self.configured is None
             self.learned = limit
             if first:
-                self.level = 0.0
+                # the first limit heard of: the server's remaining count (below) says how full it is
+                self.level = self.capacity
                 self.stamp = self.clock()
         if remaining is not None and self.limit is not None:
             self.refill()
@@ -114,7 +116,7 @@ class RateLimiter:
         *,
         rpm: int | None = None,
         tpm: int | None = None,
-        burst_seconds: float = 1.0,
+        burst_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
@@ -126,7 +128,12 @@ class RateLimiter:
         self.rate_limited = 0  # 429s seen
 
     async def acquire(self, tokens: int) -> None:
-        """Wait until one request of ``tokens`` (prompt + max output) fits in both limits."""
+        """Wait until one request of ``tokens`` fits in both limits.
+
+        ``tokens`` is what the API counts against tokens per minute: the prompt's messages
+        plus max_tokens (the output schema is billed but not counted). ``waited_s`` adds up
+        the time spent waiting here.
+        """
         async with self._lock:  # first come, first served
             while True:
                 delay = max(

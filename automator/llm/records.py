@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
+from automator.errors import HistoryError
+from automator.history.db import inserted_id
 from automator.history.llm_models import CachedResponse, ModelBatch
 from automator.history.models import ModelCall
 from automator.history.store import History
 
 FLUSH_SECONDS = 0.25
+log = logging.getLogger("automator.llm")
 
 
 def now() -> datetime:
@@ -68,38 +72,54 @@ class CallRecorder:
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_SECONDS)
-        await self.flush()
+        try:
+            await self.flush()
+        except HistoryError as exc:
+            # the rows stay queued: the next flush (at the latest close()) writes them or
+            # reports the failure; a background task must not die with an unretrieved error
+            log.warning("model calls not recorded yet (will try again): %s", exc.message)
 
     async def flush(self) -> None:
         async with self._write_lock:
             calls, self._calls = self._calls, []
             cache, self._cache = list(self._cache.values()), {}
             if calls or cache:
-                await asyncio.to_thread(self._write, calls, cache)
+                try:
+                    await asyncio.to_thread(self._write, calls, cache)
+                except Exception:  # re-raised below; a cancel leaves the thread writing them
+                    # paid calls are never dropped: back in the queue, before what came since
+                    self._calls = calls + self._calls
+                    self._cache = {row["key"]: row for row in cache} | self._cache
+                    raise
 
     def _write(self, calls: list[dict[str, Any]], cache: list[dict[str, Any]]) -> None:
-        history = self.history
-        with history._errors(), history.engine.begin() as conn:
-            if calls:
-                conn.execute(insert(ModelCall), calls)
-            if cache:
-                keys = [row["key"] for row in cache]
-                existing = set(conn.scalars(select(CachedResponse.key).where(CachedResponse.key.in_(keys))))
-                fresh = [row for row in cache if row["key"] not in existing]
-                if fresh:
-                    conn.execute(insert(CachedResponse), fresh)
+        self.history.write(lambda conn: self._insert(conn, calls, cache))
+
+    @staticmethod
+    def _insert(conn: Connection, calls: list[dict[str, Any]], cache: list[dict[str, Any]]) -> None:
+        # one transaction, tried again whole by History.write when the database is locked
+        if calls:
+            conn.execute(insert(ModelCall), calls)
+        if cache:
+            keys = [row["key"] for row in cache]
+            existing = set(conn.scalars(select(CachedResponse.key).where(CachedResponse.key.in_(keys))))
+            fresh = [row for row in cache if row["key"] not in existing]
+            if fresh:
+                conn.execute(insert(CachedResponse), fresh)
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        if self._task is not None:
+            if not self._task.done():
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self._task  # its outcome is retrieved here, whatever it was
         await self.flush()
 
 
 def cached_response(history: History, key: str, *, count_hit: bool = True) -> dict[str, Any] | None:
     """A stored answer for this request, counting the hit."""
-    with history._errors(), history.engine.begin() as conn:
+
+    def lookup(conn: Connection) -> dict[str, Any] | None:
         row = conn.execute(select(CachedResponse.response).where(CachedResponse.key == key)).first()
         if row is None or not count_hit:
             return None if row is None else dict(row[0])
@@ -109,6 +129,8 @@ def cached_response(history: History, key: str, *, count_hit: bool = True) -> di
             .values(hits=CachedResponse.hits + 1, last_hit_at=now())
         )
         return dict(row[0])
+
+    return history.write(lookup)  # a locked database is waited out, as for every history write
 
 
 def spent_since(history: History, workflow: str, since: datetime) -> Decimal:
@@ -136,7 +158,7 @@ def add_batch(history: History, **fields: Any) -> int:
     stamp = now()
     with history._errors(), history.engine.begin() as conn:
         result = conn.execute(insert(ModelBatch).values(created_at=stamp, updated_at=stamp, **fields))
-        return int(result.inserted_primary_key[0])
+        return inserted_id(result)
 
 
 def update_batch(history: History, row_id: int, **fields: Any) -> None:
@@ -177,4 +199,4 @@ def last_calls(history: History, run_id: int, step_id: str) -> dict[int, tuple[s
         .order_by(ModelCall.id)
     )
     with history._errors(), history.engine.connect() as conn:
-        return {int(seq): (status, error) for seq, status, error in conn.execute(query)}
+        return {int(seq): (status, error) for seq, status, error in conn.execute(query) if seq is not None}

@@ -27,26 +27,36 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from automator import Item, ModelError, QuarantineItem
-from automator.llm import pricing, records
-from automator_standard.openai_client import CallFailed, Reply, failure, reply_from
+from automator.engine.calls import Caller, describe_error
+from automator.engine.context import RunContext
+from automator.llm import records
+from automator.llm.calls import Answer, ModelCalls, Reply
+from automator.spec.models import RetryPolicy
+from automator_standard.openai_batch_jsonl import (
+    ENDPOINT,
+    Job,
+    Request,
+    chat_completion,
+    custom_id,
+    error_message,
+    split,
+    why_missing,
+)
+from automator_standard.openai_client import TransientModelError, failure, reply_from
+from automator_standard.openai_config import OpenAITransformConfig
 from automator_standard.openai_prompt import Prompt, repair_turns, request_key
-
-if TYPE_CHECKING:
-    from automator_standard.openai_transform import OpenAITransform
 
 # The Batch API's limits per input file; patched smaller by tests
 MAX_REQUESTS = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
-ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-API_RETRIES = 5  # uploads, creates, polls and downloads: transient failures retried
 LIST_PAGE = 100  # batches per page when looking for one this run already created (the API's maximum)
 # batches listed newest first; the search stops at those created this long before the run started
 LIST_CLOCK_SLACK_S = 600
@@ -55,65 +65,45 @@ REPAIR_CONCURRENCY = 16
 _UNSET: Any = object()
 
 
-@dataclass
-class Request:
-    """One item's request, waiting for its answer."""
+class ModelStep(Protocol):
+    """What batch mode uses of the step (``openai.transform``): its prompt, checks, sync path and calls."""
 
-    index: int
-    item: Item
-    prompt: Prompt
-    prompt_tokens: int
-    key: str
-    custom_id: str
-    params: dict[str, Any]
-    reserved: Decimal = Decimal(0)
+    config: OpenAITransformConfig
+    context: RunContext
+    step_id: str
+    calls: ModelCalls
 
-
-@dataclass
-class Job:
-    """One submitted batch and the requests it carries."""
-
-    row_id: int
-    batch_id: str
-    status: str
-    requests: list[Request]
-    created: float = field(default_factory=time.monotonic)
-    data: Any = None
-
-
-def custom_id(run_id: int, seq: int) -> str:
-    return f"run-{run_id}-item-{seq}"
-
-
-def jsonl_line(request: Request) -> bytes:
-    line = {"custom_id": request.custom_id, "method": "POST", "url": ENDPOINT, "body": request.params}
-    return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-
-
-def split(requests: list[Request], max_requests: int, max_bytes: int) -> list[tuple[list[Request], bytes]]:
-    """Input files under both limits (a request larger than the byte limit goes alone; the API judges it)."""
-    chunks: list[tuple[list[Request], bytes]] = []
-    members: list[Request] = []
-    lines: list[bytes] = []
-    size = 0
-    for request in requests:
-        line = jsonl_line(request)
-        if members and (len(members) >= max_requests or size + len(line) > max_bytes):
-            chunks.append((members, b"".join(lines)))
-            members, lines, size = [], [], 0
-        members.append(request)
-        lines.append(line)
-        size += len(line)
-    if members:
-        chunks.append((members, b"".join(lines)))
-    return chunks
+    @property
+    def reads_cache(self) -> bool: ...
+    @property
+    def retry(self) -> RetryPolicy: ...
+    @property
+    def structured(self) -> bool: ...
+    async def client(self) -> Any: ...
+    def prompt(self, item: Item) -> Prompt: ...
+    def count(self, prompt: Prompt, messages: list[dict[str, Any]]) -> int: ...
+    def check_fits(self, prompt_tokens: int) -> None: ...
+    def params(self, messages: list[dict[str, Any]]) -> dict[str, Any]: ...
+    def judge(self, reply: Reply) -> tuple[str, str]: ...
+    def result(self, item: Item, content: str | None) -> Any: ...
+    async def ask(
+        self,
+        item: Item,
+        prompt: Prompt,
+        prompt_tokens: int,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        first_repair: int = 0,
+        attempt: int = 0,
+    ) -> Answer: ...
 
 
 class BatchTransform:
     """All of one step's items through the Batch API; ``run(items)`` gives one outcome per item."""
 
-    def __init__(self, step: OpenAITransform) -> None:
+    def __init__(self, step: ModelStep) -> None:
         self.step = step
+        self.calls = step.calls
         self.context = step.context
         self.history = step.context.history
         self.outcomes: list[Any] = []
@@ -131,15 +121,17 @@ class BatchTransform:
         stored = await asyncio.to_thread(records.run_batches, self.history, self.context.run_id, step.step_id)
         resuming = bool(stored)
         requests: list[Request] = []
+        # a resumed run reads the answers its predecessor collected, whatever the temperature
+        reads_cache = step.reads_cache or resuming
         for index, item in enumerate(items):
             try:
                 request = self._request(index, item)
-                # a resumed run reads the answers its predecessor collected, whatever the temperature
-                cached = await step._cached(item, request.key, force=resuming)
+                cached = await self.calls.lookup(request.key) if reads_cache else None
             except Exception as exc:  # noqa: BLE001 - this item's outcome; the others go on
                 self.outcomes[index] = exc
                 continue
             if cached is not None:
+                self.calls.record_cached(item.seq, cached)
                 self.outcomes[index] = step.result(item, cached["content"])
             else:
                 requests.append(request)
@@ -177,17 +169,14 @@ class BatchTransform:
         return list(first.values()), followers
 
     def _follow(self, request: Request, leader: Request) -> None:
+        # the leader's answer is kept on its request: the response cache may be written
+        # (and its pending entries gone) by the time the followers look
         outcome = self.outcomes[leader.index]
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, BaseException) or leader.answer is None:
             self.outcomes[request.index] = outcome
             return
-        answer = self.step.recorder.pending_cache(leader.key)
-        if answer is None:
-            self.outcomes[request.index] = ModelError(f"no answer for the identical item {leader.item.seq}")
-            return
-        self.step.stats["cached"] += 1
-        self.step._record(request.item, 0, reply=None, status="cached", mode="cache")
-        self.outcomes[request.index] = self.step.result(request.item, answer["content"])
+        self.calls.record_cached(request.item.seq, leader.answer)
+        self.outcomes[request.index] = self.step.result(request.item, leader.answer["content"])
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -237,17 +226,11 @@ class BatchTransform:
 
     async def _submit(self, requests: list[Request]) -> list[Job]:
         step = self.step
-        assert step.budget is not None
         affordable: list[Request] = []
         for request in requests:
-            bound = pricing.upper_bound(
-                step.prices,
-                input_tokens=request.prompt_tokens,
-                max_output_tokens=step.config.max_output_tokens,
-                batch=True,
-            )
+            bound = self.calls.upper_bound(request.prompt_tokens, step.config.max_output_tokens, batch=True)
             try:
-                step.budget.reserve(bound)
+                self.calls.reserve(bound)
             except Exception as exc:  # noqa: BLE001 - BudgetExceeded: not sent, the item fails with why
                 self.outcomes[request.index] = exc
                 continue
@@ -273,7 +256,7 @@ class BatchTransform:
         if batch is None:
             batch = await self._upload_and_create(content, metadata)
         else:
-            step.stats["adopted"] += 1
+            self.calls.stats["adopted"] += 1
         self._known.add(batch.id)
         # stored before anything else can fail: a restarted process collects it instead of paying again
         row_id = await asyncio.to_thread(
@@ -289,7 +272,7 @@ class BatchTransform:
             request_count=len(members),
             requests={r.custom_id: r.key for r in members},
         )
-        step.stats["batches"] += 1
+        self.calls.stats["batches"] += 1
         return Job(row_id, batch.id, batch.status, members)
 
     async def _upload_and_create(self, content: bytes, metadata: dict[str, str]) -> Any:
@@ -342,10 +325,10 @@ class BatchTransform:
                 return batch
         return None
 
-    async def _api(self, doing: str, call: Any) -> Any:
-        """One Batch/Files API call, transient failures retried with backoff."""
-        last: CallFailed | None = None
-        for attempt in range(API_RETRIES + 1):
+    async def _api(self, doing: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """One Batch/Files API call, transient failures retried under the step's ``retry:`` policy."""
+
+        async def once() -> Any:
             started = time.monotonic()
             try:
                 return await call()
@@ -353,12 +336,14 @@ class BatchTransform:
                 failed = failure(exc, int((time.monotonic() - started) * 1000))
                 if failed is None:
                     raise
-                last = failed
-                if not failed.retryable or attempt == API_RETRIES:
-                    break
-                await asyncio.sleep(self.step._backoff(attempt, failed))
-        assert last is not None
-        raise ModelError(f"{doing}: {last.message}", retryable=False)
+                if not failed.retryable:
+                    raise ModelError(f"{doing}: {failed.message}", retryable=False) from None
+                raise TransientModelError(f"{doing}: {failed.message}", failed.retry_after) from None
+
+        try:
+            return await Caller(retry=self.step.retry, timeout=None, blocking=False).call(once)
+        except ModelError as exc:
+            raise ModelError(exc.message, retryable=False) from None
 
     # -- waiting and collecting --------------------------------------------------------------
 
@@ -373,7 +358,7 @@ class BatchTransform:
                         f"polling batch {job.batch_id}", functools.partial(client.batches.retrieve, job.batch_id)
                     )
                 except ModelError as exc:
-                    await self._give_up(job, str(exc))
+                    await self._give_up(job, exc.message)
                     waiting.remove(job)
                     continue
                 if batch.status != job.status:
@@ -410,10 +395,10 @@ class BatchTransform:
             lines = await self._download(batch.output_file_id)
             lines.update(await self._download(batch.error_file_id))
         except (ModelError, ValueError) as exc:
-            await self._give_up(job, f"batch {job.batch_id} {batch.status}, results unreadable: {exc}")
+            await self._give_up(job, f"batch {job.batch_id} {batch.status}, results unreadable: {describe_error(exc)}")
             return
         latency_ms = int((time.monotonic() - job.created) * 1000)
-        missing = _why_missing(batch)
+        missing = why_missing(batch)
         repairs: list[tuple[Request, Reply, str]] = []
         for request in job.requests:
             line = lines.get(request.custom_id)
@@ -425,21 +410,21 @@ class BatchTransform:
             status = response.get("status_code")
             if status != 200:
                 self._settle(request, Decimal(0))
-                self._fail(request, f"the Batch API answered {status or 'an error'}: {_error_message(line)}")
+                self._fail(request, f"the Batch API answered {status or 'an error'}: {error_message(line)}")
                 continue
             try:
                 reply = reply_from(
-                    _chat_completion().model_validate(response.get("body")),
+                    chat_completion().model_validate(response.get("body")),
                     headers={},
                     request_id=response.get("request_id"),
                     latency_ms=latency_ms,
                 )
             except ValueError as exc:
                 self._settle(request, Decimal(0))
-                self._fail(request, f"the batch's answer could not be read: {exc}")
+                self._fail(request, f"the batch's answer could not be read: {describe_error(exc)}")
                 continue
-            self._settle(request, self.step.call_cost(reply, batch=True))
-            self.step.stats["calls"] += 1
+            self._settle(request, self.calls.cost_of(reply, batch=True))
+            self.calls.stats["calls"] += 1
             problem, text = self.step.judge(reply)
             if problem:
                 repairs.append((request, reply, problem))
@@ -448,7 +433,7 @@ class BatchTransform:
         await self._repair_all(repairs)
         # answers reach the response cache before the batch counts as collected: a process
         # that dies in between finds them there when the run is resumed
-        await self.step.recorder.flush()
+        await self.calls.flush()
         await asyncio.to_thread(
             records.update_batch,
             self.history,
@@ -460,48 +445,29 @@ class BatchTransform:
         )
 
     def _settle(self, request: Request, cost: Decimal) -> None:
-        budget = self.step.budget
-        assert budget is not None
-        budget.settle(request.reserved, cost)
+        self.calls.settle(request.reserved, cost)
         request.reserved = Decimal(0)
 
     def _fail(self, request: Request, reason: str) -> None:
-        self.step._record(request.item, 1, reply=None, status="error", mode="batch", error=reason)
+        self.calls.record(request.item.seq, 1, reply=None, status="error", mode="batch", error=reason)
         self.outcomes[request.index] = ModelError(reason, retryable=False)
 
     def _accept(self, request: Request, reply: Reply, text: str) -> None:
-        step = self.step
-        step._record(
-            request.item,
+        self.calls.record(
+            request.item.seq,
             1,
             reply=reply,
             status="ok",
-            batch=True,
+            mode="batch",
             prompt=request.prompt.messages,
             response=reply.content,
         )
-        answer = {
-            "content": text,
-            "finish_reason": reply.finish_reason,
-            "request_id": reply.request_id,
-            "usage": {
-                "input_tokens": reply.input_tokens,
-                "cached_input_tokens": reply.cached_input_tokens,
-                "output_tokens": reply.output_tokens,
-            },
-        }
-        self._cache(request, answer)
-        self.outcomes[request.index] = step.result(request.item, text)
+        self._answered(request, self.calls.answer(reply, text))
 
-    def _cache(self, request: Request, answer: dict[str, Any]) -> None:
-        step = self.step
-        step.recorder.cache(
-            request.key,
-            model=step.config.model,
-            workflow=self.context.workflow.name,
-            step_id=step.step_id,
-            response=answer,
-        )
+    def _answered(self, request: Request, answer: Answer) -> None:
+        request.answer = answer
+        self.calls.store(request.key, answer)
+        self.outcomes[request.index] = self.step.result(request.item, answer["content"])
 
     async def _repair_all(self, repairs: list[tuple[Request, Reply, str]]) -> None:
         """Rejected batch answers: re-asked now through the sync path, or quarantined (max_repairs: 0)."""
@@ -509,12 +475,12 @@ class BatchTransform:
 
         async def repair(request: Request, reply: Reply, problem: str) -> None:
             step = self.step
-            step._record(
-                request.item,
+            self.calls.record(
+                request.item.seq,
                 1,
                 reply=reply,
                 status="rejected",
-                batch=True,
+                mode="batch",
                 error=problem,
                 prompt=request.prompt.messages,
                 response=reply.content,
@@ -529,7 +495,7 @@ class BatchTransform:
             )
             try:
                 async with limit:
-                    answer = await step._ask(
+                    answer = await step.ask(
                         request.item,
                         request.prompt,
                         request.prompt_tokens,
@@ -540,35 +506,6 @@ class BatchTransform:
             except Exception as exc:  # noqa: BLE001 - quarantined, failed or over budget: this item's outcome
                 self.outcomes[request.index] = exc
                 return
-            self._cache(request, answer)
-            self.outcomes[request.index] = step.result(request.item, answer["content"])
+            self._answered(request, answer)
 
         await asyncio.gather(*(repair(*entry) for entry in repairs))
-
-
-def _error_message(line: dict[str, Any]) -> str:
-    error = line.get("error")
-    if isinstance(error, dict) and error.get("message"):
-        return f"{error.get('code') or 'error'}: {error['message']}"
-    body = (line.get("response") or {}).get("body")
-    if isinstance(body, dict):
-        detail = body.get("error", body)
-        if isinstance(detail, dict) and detail.get("message"):
-            return str(detail["message"])
-    return "no detail given"
-
-
-def _why_missing(batch: Any) -> str:
-    """Why a batch has no answer for a request: its status and the errors it lists."""
-    reasons = []
-    errors = getattr(batch, "errors", None)
-    for error in getattr(errors, "data", None) or []:
-        reasons.append(f"{error.code or 'error'}: {error.message or ''}".strip())
-    detail = f" ({'; '.join(reasons)})" if reasons else ""
-    return f"the batch ended {batch.status}{detail}"
-
-
-def _chat_completion() -> Any:
-    from openai.types.chat import ChatCompletion  # imported when first needed: CLI start-up time
-
-    return ChatCompletion

@@ -1,43 +1,30 @@
 """One chat completion over the official SDK, and what its failures mean.
 
 The SDK's own retries are off (``max_retries=0``): every attempt, failed or not, is
-recorded with its tokens and cost, so the step retries itself and honours
-``retry-after``.
+recorded with its tokens and cost, and the step retries under its workflow ``retry:``
+policy (honouring ``retry-after``), the one policy every step follows.
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import openai
 
-from automator.errors import StepError
+from automator.engine.calls import describe_error
+from automator.errors import ModelError, StepError
+from automator.llm.calls import Reply
 
 RETRYABLE_STATUS = {408, 409, 429}
 
 
-@dataclass
-class Reply:
-    """What the model answered to one request."""
-
-    content: str | None
-    refusal: str | None
-    finish_reason: str | None
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    request_id: str | None
-    latency_ms: int
-    headers: dict[str, str]
-    model: str | None = None
-
-
 class CallFailed(Exception):  # noqa: N818 - one failed attempt, classified
+    """One failed request: its message, whether trying again may help, and what the server said."""
+
     def __init__(
         self,
         message: str,
@@ -61,6 +48,14 @@ class CallFailed(Exception):  # noqa: N818 - one failed attempt, classified
         self.too_long = too_long
 
 
+class TransientModelError(ModelError):
+    """One request failed in a way another attempt may fix (429, 5xx, a timeout); ``retry_after`` from the server."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message, retryable=True)
+        self.retry_after = retry_after
+
+
 def make_client(*, api_key: str | None, base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
     import openai  # imported when first needed: it costs CLI start-up time
 
@@ -68,7 +63,7 @@ def make_client(*, api_key: str | None, base_url: str | None, timeout: float) ->
         return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
     except openai.OpenAIError as exc:
         raise StepError(
-            f"cannot set up the OpenAI client: {exc}",
+            f"cannot set up the OpenAI client: {describe_error(exc)}",
             retryable=False,
             hint="export OPENAI_API_KEY, or give api_key: '{{ secrets.NAME }}' in the step",
         ) from None
@@ -129,10 +124,13 @@ def failure(exc: Exception, latency_ms: int = 0) -> CallFailed | None:
     if isinstance(exc, openai.APITimeoutError):
         return CallFailed("the request timed out", retryable=True, latency_ms=latency_ms)
     if isinstance(exc, openai.APIConnectionError):
+        # the cause (httpx's ConnectError, say) often has an empty str(): its type is named too
         cause = exc.__cause__ or exc
-        return CallFailed(f"cannot reach the API: {cause}", retryable=True, latency_ms=latency_ms)
+        return CallFailed(f"cannot reach the API: {describe_error(cause)}", retryable=True, latency_ms=latency_ms)
     if isinstance(exc, openai.APIResponseValidationError | ValueError):
-        return CallFailed(f"the API's answer could not be read: {exc}", retryable=True, latency_ms=latency_ms)
+        return CallFailed(
+            f"the API's answer could not be read: {describe_error(exc)}", retryable=True, latency_ms=latency_ms
+        )
     return None
 
 

@@ -42,6 +42,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import imagesize
@@ -79,8 +80,17 @@ def image_tokens(detail: str, url: str) -> int:
     return 2833 + 5667 * math.ceil(w / 512) * math.ceil(h / 512)
 
 
+def rate_limit_tokens(body: dict[str, Any]) -> int:
+    """What a request costs of the tokens-per-minute limit, as OpenAI counts it before the model runs:
+    the messages' tokens plus max_tokens. The output schema is billed (``prompt_tokens``) but not
+    counted here."""
+    without_schema = {k: v for k, v in body.items() if k != "response_format"}
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 4096
+    return prompt_tokens(without_schema)[0] + max_tokens
+
+
 def prompt_tokens(body: dict[str, Any]) -> tuple[int, list[int]]:
-    """OpenAI's documented estimate, and the token stream that prompt caching matches on."""
+    """The prompt tokens billed (messages, images, the output schema), and the stream prompt caching matches on."""
     total = 3
     stream: list[int] = []
     for message in body.get("messages", []):
@@ -214,9 +224,29 @@ class FakeOpenAI:
         self._limits: dict[str, Limit] = {}
         self.requests: list[dict[str, Any]] = []
         self.statuses: Counter[int] = Counter()
+        self.billed: list[dict[str, Any]] = []  # the usage of every answer given (sync; batch lines too)
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, Batch] = {}
         self._lock = threading.Lock()
+
+    def billed_usd(self) -> Decimal:
+        """What the answers given cost at gpt-4o-mini's prices (the Batch API's half for batch lines)."""
+        from automator.llm import pricing
+
+        prices = pricing.facts("gpt-4o-mini")
+        return sum(
+            (
+                pricing.cost(
+                    prices,
+                    input_tokens=u["prompt_tokens"],
+                    cached_input_tokens=u["prompt_tokens_details"]["cached_tokens"],
+                    output_tokens=u["completion_tokens"],
+                    batch=u["batch"],
+                )
+                for u in self.billed
+            ),
+            Decimal(0),
+        )
 
     def script(self, *kinds: str) -> None:
         self._script.extend(kinds)
@@ -347,22 +377,23 @@ class FakeOpenAI:
         return headers, wait
 
     async def chat(self, request: Request) -> Response:
+        # a request still in flight when a test resets the server bills the test it came from
+        billed, statuses = self.billed, self.statuses
         body = await request.json()
         self.requests.append(
             {"path": request.url.path, "body": body, "authorization": request.headers.get("authorization")}
         )
         refused = self._authorized(request)
         if refused is not None:
-            self.statuses[401] += 1
+            statuses[401] += 1
             return refused
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         fault = self._fault(body)
         tokens_in, stream = prompt_tokens(body)
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 4096
-        headers, wait = self._rate_limit(tokens_in + max_tokens)
+        headers, wait = self._rate_limit(rate_limit_tokens(body))
         if fault == "429" or wait > 0:
-            self.statuses[429] += 1
+            statuses[429] += 1
             after = self.retry_after_s if self.retry_after_s is not None else max(wait, 0.05)
             return self._error(
                 429,
@@ -371,12 +402,13 @@ class FakeOpenAI:
                 {**headers, "retry-after": f"{after:.3f}", "retry-after-ms": str(int(after * 1000))},
             )
         if fault in ("500", "503", "400"):
-            self.statuses[int(fault)] += 1
+            statuses[int(fault)] += 1
             return self._error(int(fault), f"injected {fault}", None, headers)
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
         reply = self.completion(body, fault, tokens_in, stream)
-        self.statuses[200] += 1
+        statuses[200] += 1
+        billed.append({**reply["usage"], "batch": False})
         return JSONResponse(reply, headers={**headers, "x-request-id": reply["id"].replace("chatcmpl", "req")})
 
     def _cached_tokens(self, tokens_in: int, stream: list[int]) -> int:
@@ -582,6 +614,7 @@ class FakeOpenAI:
                 continue
             tokens_in, stream = prompt_tokens(body)
             reply = self.completion(body, fault, tokens_in, stream)
+            self.billed.append({**reply["usage"], "batch": True})
             out.append(
                 {
                     "id": f"batch_req_{uuid.uuid4().hex[:16]}",
@@ -630,7 +663,9 @@ def serve() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--rpm", type=int)
     parser.add_argument("--tpm", type=int)
-    parser.add_argument("--burst", type=float, default=1.0, help="seconds of budget the limits allow at once")
+    parser.add_argument(
+        "--burst", type=float, default=60.0, help="seconds of budget the limits allow at once (OpenAI: a minute)"
+    )
     args = parser.parse_args()
     server = FakeOpenAI()
     server.latency_s, server.rpm, server.tpm, server.burst_s = args.latency, args.rpm, args.tpm, args.burst

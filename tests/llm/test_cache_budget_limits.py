@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
 import zlib
 from decimal import Decimal
 from pathlib import Path
@@ -99,26 +98,72 @@ def test_the_daily_budget_counts_earlier_runs(fake_openai: FakeOpenAI, run_flow,
     assert "max_cost_usd_per_day" in history.items(second.run_id, ["failed"])[0].reason
 
 
-def test_configured_limits_pace_requests_without_429s(fake_openai: FakeOpenAI, run_flow, history) -> None:
-    fake_openai.rpm = 600  # 10 requests per second
-    fake_openai.burst_s = 1.0
-    items = [{"text": f"bug {i}"} for i in range(20)]
-    started = time.monotonic()
-    result = run_flow(flow(temperature=0.5, concurrency=10, extra="rpm: 600"), items)
-    elapsed = time.monotonic() - started
-    assert result.counts["delivered"] == 20
+def test_a_job_within_one_minutes_quota_goes_out_at_once(fake_openai: FakeOpenAI, run_flow, history) -> None:
+    # 40 requests at 60 RPM: the API's bucket starts full, so no request needs to wait;
+    # a limiter that starts empty would hold the 40th back for 40 s (past the step's timeout)
+    fake_openai.rpm = 60
+    items = [{"text": f"bug {i}"} for i in range(40)]
+    extra = "rpm: 60"
+    text = flow(temperature=0.5, concurrency=16, extra=extra).replace(
+        "    uses: openai.transform\n", "    uses: openai.transform\n    timeout: 15s\n    retry: {attempts: 1}\n"
+    )
+    result = run_flow(text, items)
+    assert result.counts["delivered"] == 40, history.items(result.run_id, ["failed"])[:1]
     assert fake_openai.statuses[429] == 0
-    assert elapsed >= 1.2  # 20 requests at 10/s, minus the first second's budget
+    (summary,) = [text for step, text in result.summaries if step == "classify"]
+    assert "waited" not in summary  # the limiter never held a request back
+
+
+def test_the_limiter_starts_full_and_refills_at_the_limits_rate() -> None:
+    import asyncio
+
+    from automator.llm.limiter import RateLimiter
+
+    now = [100.0]
+    limiter = RateLimiter(rpm=60, tpm=6_000, clock=lambda: now[0])
+
+    async def burst() -> None:
+        for _ in range(50):
+            await limiter.acquire(100)
+
+    asyncio.run(burst())
+    assert limiter.waited_s == 0  # a minute's allowance is there from the start
+    assert limiter.tokens.wait_for(1_100) == pytest.approx(1.0)  # 1,000 left; 100 more come in a second
+    assert limiter.requests.wait_for(1) == 0
+    now[0] += 30
+    # refilled at 6,000 / 60 per second: 4,000 there now
+    assert limiter.tokens.wait_for(4_000) == 0
+    assert limiter.tokens.wait_for(4_100) == pytest.approx(1.0)
+
+
+def test_tpm_counts_what_the_api_counts_not_the_schema(fake_openai: FakeOpenAI, run_flow, history) -> None:
+    from tests.llm.fake_openai import rate_limit_tokens
+
+    items = [{"text": f"billing question number {i} about an invoice"} for i in range(30)]
+    probe = run_flow(flow(temperature=0.5, concurrency=16), items)
+    assert probe.counts["delivered"] == 30
+    charged = sum(rate_limit_tokens(r["body"]) for r in fake_openai.completions)
+    fake_openai.reset()
+    # exactly what one minute allows for these requests (plus rounding slack): counting the
+    # output schema's tokens too would need more than the minute holds, and wait or be refused
+    tpm = charged + 30
+    fake_openai.tpm = tpm
+    text = flow(temperature=0.5, concurrency=16, extra=f"tpm: {tpm}").replace(
+        "    uses: openai.transform\n", "    uses: openai.transform\n    timeout: 15s\n    retry: {attempts: 1}\n"
+    )
+    result = run_flow(text, items)
+    assert result.counts["delivered"] == 30, history.items(result.run_id, ["failed"])[:1]
+    assert fake_openai.statuses[429] == 0
+    (summary,) = [text for step, text in result.summaries if step == "classify"]
+    assert "waited" not in summary
 
 
 def test_limits_are_learned_from_headers(fake_openai: FakeOpenAI, run_flow, history) -> None:
-    fake_openai.rpm = 600
-    fake_openai.burst_s = 1.0
-    items = [{"text": f"bug {i}"} for i in range(30)]
+    fake_openai.rpm = 20
+    items = [{"text": f"bug {i}"} for i in range(20)]
     result = run_flow(flow(temperature=0.5, concurrency=3), items)
-    assert result.counts["delivered"] == 30
-    # the first concurrent requests go out before any header is seen; after that the client paces itself
-    assert fake_openai.statuses[429] <= 3
+    assert result.counts["delivered"] == 20
+    assert fake_openai.statuses[429] == 0  # the minute's allowance is enough: nothing refused
 
 
 def tiny_png(width: int, height: int) -> bytes:

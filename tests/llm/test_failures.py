@@ -19,6 +19,7 @@ steps:
     with: {{path: items.jsonl}}
   - id: classify
     uses: openai.transform
+    {retry}
     with:
       instructions: Classify the ticket.
       input: "{{{{ item.text }}}}"
@@ -26,14 +27,15 @@ steps:
         schema:
           category: [billing, bug, other]
       max_output_tokens: 50
-      max_retries: {retries}
       max_repairs: {repairs}
       request_timeout: {timeout}
 """
 
 
-def flow(retries: int = 3, repairs: int = 2, timeout: str = "5s") -> str:
-    return FLOW.format(retries=retries, repairs=repairs, timeout=timeout)
+def flow(attempts: int | None = 4, repairs: int = 2, timeout: str = "5s") -> str:
+    """``attempts`` None: no retry block (the default policy, 3 attempts, 1 s backoff)."""
+    retry = "" if attempts is None else f"retry: {{attempts: {attempts}, backoff: 10ms}}"
+    return FLOW.format(retry=retry, repairs=repairs, timeout=timeout)
 
 
 def calls(history: History, run_id: int) -> list[ModelCall]:
@@ -69,11 +71,11 @@ def test_429_waits_for_retry_after(fake_openai: FakeOpenAI, run_flow, history) -
 
 
 def test_retries_exhausted_fail_the_item_with_the_last_error(fake_openai: FakeOpenAI, run_flow, history) -> None:
-    result = run_flow(flow(retries=1), [{"text": "x !!503!!"}, {"text": "a bug"}])
+    result = run_flow(flow(attempts=2), [{"text": "x !!503!!"}, {"text": "a bug"}])
     assert result.status == "failed"
     assert result.counts == {"fetched": 2, "delivered": 1, "skipped": 0, "quarantined": 0, "failed": 1}
     failed = history.items(result.run_id, ["failed"])[0]
-    assert "gave up after 2 attempts" in failed.reason and "503" in failed.reason
+    assert "gave up after 2 attempt(s)" in failed.reason and "503" in failed.reason
     assert len([c for c in calls(history, result.run_id) if c.item_seq == 0]) == 2
 
 
