@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +23,28 @@ class Settings:
 
     database_url: str | None = None
     plugins_dir: Path | None = None
+    extra_plugins: tuple[object, ...] = ()  # plugin objects given by automator.testing
     _history: History | None = field(default=None, repr=False)
     _plugins: dict[Path | None, Plugins] = field(default_factory=dict, repr=False)
 
     def history(self, *, auto_upgrade: bool | None = None) -> History:
         if self._history is None:
             self._history = History(self.database_url, auto_upgrade=auto_upgrade)
+            finish_abandoned_runs(self._history)
         return self._history
 
     def plugins(self, workflows_dir: Path | None = None) -> Plugins:
-        """Plugins: built-ins, entry points, and --plugins-dir or ``plugins/`` beside the workflows' folder."""
+        """The plugins for workflow files in ``workflows_dir``: the one rule of every command.
+
+        Built-ins, entry points, and the plugins folder: ``--plugins-dir`` if given, else
+        ``plugins/`` beside ``workflows_dir``, else none. Loaded once per folder and call.
+        """
         directory = self.plugins_dir
         if directory is None and workflows_dir is not None:
             directory = default_plugins_dir(workflows_dir)
         if directory not in self._plugins:
-            self._plugins[directory] = load_plugins(directory)
+            extra = [(plugin, _plugin_name(plugin)) for plugin in self.extra_plugins]
+            self._plugins[directory] = load_plugins(directory, extra=extra)
         return self._plugins[directory]
 
     def close(self) -> None:
@@ -46,6 +55,26 @@ class Settings:
 def default_plugins_dir(workflows_dir: Path) -> Path:
     """``plugins/`` beside the folder the workflow files are in."""
     return workflows_dir.resolve().parent / "plugins"
+
+
+def project_workflows_dir() -> Path | None:
+    """``./workflows`` if it exists: the daemon's default folder, and so that of ``plugins`` and ``schema``."""
+    folder = Path("workflows")
+    return folder if folder.is_dir() else None
+
+
+def _plugin_name(plugin: object) -> str:
+    return getattr(plugin, "__name__", None) or type(plugin).__name__
+
+
+def warn_skipped_plugins(*loaded: Plugins) -> None:
+    """Say once, on stderr, which plugins failed to load and were skipped."""
+    seen: set[tuple[str, str | None]] = set()
+    for plugins in loaded:
+        for failure in plugins.failures:
+            if (failure.name, failure.error) not in seen:
+                seen.add((failure.name, failure.error))
+                stderr.print(f"warning: plugin {failure.name} was skipped: {failure.error}", markup=False)
 
 
 def settings(ctx: click.Context) -> Settings:
@@ -63,3 +92,33 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def finish_abandoned_runs(history: History) -> None:
+    """End the runs that an ``automator run`` on this machine left ``running`` when it died.
+
+    A killed process, or one whose history was locked or read-only at the end, could not
+    record its run's end; no daemon resumes a command-line run, so the next command ends it
+    (``crashed``, its pending items failed). Runs of a live process are left alone.
+    """
+    from sqlalchemy import select
+
+    from automator.daemon.recovery import process_alive
+    from automator.daemon.store import DaemonStore
+    from automator.errors import HistoryError
+    from automator.history.models import Run
+
+    host = socket.gethostname()
+    query = select(Run.id, Run.owner, Run.started_at).where(Run.status == "running", Run.trigger == "cli")
+    try:
+        found = history.read(lambda session: list(session.execute(query)))
+        for run_id, owner, started_at in found:
+            owner_host, _, pid = (owner or "").rpartition(":")
+            if owner_host != host or not pid.isdigit() or process_alive(int(pid), started_at):
+                continue
+            reason = f"its process ({owner}) ended without recording the run's end"
+            DaemonStore(history).end_run(run_id, status="crashed", reason=reason)
+            logging.getLogger("automator.cli").warning("run %s was left running: %s; it is now crashed", run_id, reason)
+    except HistoryError as exc:
+        # the command itself may still work (reading a read-only history, say)
+        logging.getLogger("automator.cli").warning("could not finish abandoned runs: %s", exc.message)

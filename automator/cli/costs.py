@@ -33,11 +33,12 @@ def cost_rows(history: Any, since: timedelta, by: str) -> list[dict[str, Any]]:
         day_column = func.strftime("%Y-%m-%d", ModelCall.created_at)
     else:
         day_column = func.to_char(ModelCall.created_at, "YYYY-MM-DD")
-    keys = {
+    groupings: dict[str, list[Any]] = {
         "workflow": [ModelCall.workflow],
         "day": [day_column],
         "step": [ModelCall.workflow, ModelCall.step_id],
-    }[by]
+    }
+    keys = groupings[by]
     is_cached = ModelCall.status == "cached"
     query = (
         select(

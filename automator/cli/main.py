@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import os
+import signal
 import sys
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
-import yaml
 
 from automator.cli import render
-from automator.cli.common import Settings, echo_json, is_terminal, settings, stderr, stdout
+from automator.cli.common import (
+    Settings,
+    echo_json,
+    is_terminal,
+    project_workflows_dir,
+    settings,
+    stderr,
+    stdout,
+    warn_skipped_plugins,
+)
 from automator.cli.costs import costs
 from automator.cli.daemon import daemon, trigger
 from automator.cli.export import export
+from automator.daemon.logs import quiet_libraries, redact_handlers
+from automator.engine.context import SECRET_ENV_PREFIX
 from automator.errors import AutomatorError, ConfigError, Problem, WorkflowFileError
 from automator.history import db
+from automator.history.store import RUN_STATUSES
+from automator.redaction import install_excepthooks, process_redactor, register_secrets
 from automator.spec.loader import WORKFLOW_SUFFIXES, load_workflow
+from automator.spec.yamlpos import YamlSyntaxError, load_located
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+T = TypeVar("T")
 WORKFLOWS_OPTION = click.option(
-    "--workflows", type=click.Path(file_okay=False, path_type=Path), help="Use the plugins/ beside this folder."
+    "--workflows",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Use the plugins/ beside this folder of workflow files. Default: ./workflows, if it exists.",
 )
 
 
@@ -36,7 +56,7 @@ WORKFLOWS_OPTION = click.option(
 @click.option(
     "--plugins-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Load plugins (.py files) from here. Default: plugins/ beside the workflow files' folder.",
+    help="Load plugins (.py files) from here. Default: plugins/ beside the folder of the workflow files.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
 @click.version_option(package_name="automator")
@@ -51,6 +71,10 @@ def cli(ctx: click.Context, database_url: str | None, plugins_dir: Path | None, 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_libraries()
+    redact_handlers(logging.getLogger())
+    # known before any run reads them: a log line or an exported file is cleaned of them too
+    register_secrets(v for k, v in os.environ.items() if k.startswith(SECRET_ENV_PREFIX))
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
@@ -60,8 +84,9 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
         if not sep or not name:
             raise ConfigError(f"--param {value!r}: write it as NAME=VALUE")
         try:
-            params[name] = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
+            # the workflow loader's YAML: bounded, and a value it cannot read stays text
+            params[name] = load_located(text).data if text else ""
+        except YamlSyntaxError:
             params[name] = text
     return params
 
@@ -83,11 +108,16 @@ def _print_problems(problems: list[Problem]) -> None:
 )
 @click.pass_context
 def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool, dry_run: bool) -> None:
-    """Run a workflow once, now. Exit 0 succeeded, 1 failed, 2 invalid file."""
-    from automator.engine.runner import run_workflow
+    """Run a workflow once, now. Exit 0 succeeded, 1 failed, 2 invalid file.
+
+    Stopped by Ctrl-C, SIGTERM or SIGHUP, the run ends ``interrupted`` with every item's
+    outcome recorded; the exit code is then 128 + the signal (130, 143, 129).
+    """
+    from automator.engine.runner import Run
 
     opts = settings(ctx)
     plugins = opts.plugins(file.parent)
+    warn_skipped_plugins(plugins)
     try:
         workflow = load_workflow(file, plugins)
     except WorkflowFileError as exc:
@@ -101,14 +131,53 @@ def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool, 
         estimate_run(workflow, history, plugins, _parse_params(params), as_json=as_json)
         ctx.exit(EXIT_OK)
     with render.Progress(enabled=is_terminal() and not as_json) as progress:
-        result = asyncio.run(
-            run_workflow(workflow, history, plugins, params=_parse_params(params), trigger="cli", progress=progress)
-        )
+        the_run = Run(workflow, history, plugins, params=_parse_params(params), trigger="cli", progress=progress)
+        stopped_by, result = _run_until_stopped(the_run.execute())
+    if stopped_by is not None:
+        # the engine recorded the run as interrupted, every item with its outcome
+        run_id = the_run.context.run_id if the_run.context is not None else None
+        where = f"; see: automator runs show {run_id}" if run_id is not None else ""
+        stderr.print(f"interrupted by {stopped_by.name}: the run is recorded as interrupted{where}", markup=False)
+        ctx.exit(128 + stopped_by.value)
+    assert result is not None
     if as_json:
         echo_json(render.result_json(result))
     else:
         render.print_result(result)
     ctx.exit(EXIT_OK if result.succeeded else EXIT_FAILED)
+
+
+# what Ctrl-C does, a service manager's stop (SIGTERM) and a closed terminal (SIGHUP) do too
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _run_until_stopped(work: Coroutine[Any, Any, T]) -> tuple[signal.Signals | None, T | None]:
+    """Run ``work``; a stop signal cancels it, so that it records how far it got, and is returned."""
+    received: list[signal.Signals] = []
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop(signum: signal.Signals) -> None:
+            received.append(signum)
+            task.cancel()
+
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            return await work
+        finally:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+
+    try:
+        return None, asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        return received[0], None
 
 
 # --- validate ----------------------------------------------------------------------------
@@ -148,13 +217,11 @@ def validate(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None
                 Problem(str(file), 1, 1, f"workflow name {workflow.name!r} is already used by {names[workflow.name]}")
             )
         names[workflow.name] = file
-    failures = [f for p in {*(opts.plugins(f.parent) for f in files)} for f in p.failures]
     if as_json:
         echo_json([p.as_json() for p in sorted(problems)])
     else:
         _print_problems(sorted(problems))
-        for failure in failures:
-            stderr.print(f"warning: plugin {failure.name} was skipped: {failure.error}", markup=False)
+        warn_skipped_plugins(*{id(p): p for p in (opts.plugins(f.parent) for f in files)}.values())
         bad = len({p.file for p in problems})
         if problems:
             stderr.print(f"{bad} of {len(files)} file(s) invalid, {len(problems)} problem(s).", markup=False)
@@ -168,8 +235,10 @@ def validate(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None
 
 @cli.group(invoke_without_command=True)
 @click.option("--workflow", help="Only runs of this workflow.")
-@click.option("--status", help="Only runs with this status (succeeded, failed, timed_out, ...).")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs with this status.")
+@click.option(
+    "--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="At most this many runs (1-10000)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_context
 def runs(ctx: click.Context, workflow: str | None, status: str | None, limit: int, as_json: bool) -> None:
@@ -180,13 +249,15 @@ def runs(ctx: click.Context, workflow: str | None, status: str | None, limit: in
     if as_json:
         echo_json([render.run_json(r) for r in found])
     else:
-        render.print_runs(found)
+        render.print_runs(found, workflow=workflow, status=status)
 
 
 @runs.command("show")
 @click.argument("run_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
-@click.option("--items", "show_items", is_flag=True, help="List every item of the ledger, not only the problems.")
+@click.option(
+    "--items", "show_items", is_flag=True, help="List every item of the ledger (all of them), not only the problems."
+)
 @click.pass_context
 def runs_show(ctx: click.Context, run_id: int, as_json: bool, show_items: bool) -> None:
     """Show one run: its steps, attempts, errors, and quarantined and failed items."""
@@ -196,7 +267,7 @@ def runs_show(ctx: click.Context, run_id: int, as_json: bool, show_items: bool) 
         raise ConfigError(f"no run with id {run_id}", hint="see `automator runs` for the ids")
     outcomes = None if show_items or as_json else ["quarantined", "failed"]
     items = history.items(run_id, outcomes)
-    usage = history.model_usage(run_id)
+    usage = history.model_usage_by_attempt(run_id)
     if as_json:
         echo_json(render.run_detail_json(found, items, usage))
     else:
@@ -212,7 +283,7 @@ def runs_show(ctx: click.Context, run_id: int, as_json: bool, show_items: bool) 
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool, workflows: Path | None) -> None:
     """List the installed plugins, their step types, and plugins that failed to load."""
-    loaded = settings(ctx).plugins(workflows or Path("workflows"))
+    loaded = settings(ctx).plugins(workflows or project_workflows_dir())
     infos = list(loaded.infos.values())
     if as_json:
         echo_json([info.as_json() for info in infos])
@@ -236,7 +307,8 @@ def schema(ctx: click.Context, output: Path | None, workflows: Path | None, buil
         loaded = Plugins()
         loaded.load_builtins()
     else:
-        loaded = settings(ctx).plugins(workflows or Path("workflows"))
+        loaded = settings(ctx).plugins(workflows or project_workflows_dir())
+        warn_skipped_plugins(loaded)
     text = json.dumps(workflow_json_schema(loaded), indent=2) + "\n"
     if output:
         output.write_text(text, encoding="utf-8")
@@ -256,7 +328,8 @@ def db_group() -> None:
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Create or migrate the history database's tables."""
     opts = settings(ctx)
-    engine = db.open_engine(db.database_url(opts.database_url))
+    # asked to create the history: a new SQLite file's folder may be made too
+    engine = db.open_engine(db.database_url(opts.database_url), create_folder=True)
     try:
         before = db.current_revision(engine)
         db.upgrade(engine, revision)
@@ -299,27 +372,42 @@ def _plugins_dir_option(argv: list[str]) -> Path | None:
     return None
 
 
-def _add_plugin_commands(argv: list[str]) -> Settings:
-    """Commands from plugins (the register_commands hook); the plugins are kept for the command."""
-    given = _plugins_dir_option(argv)
-    opts = Settings(plugins_dir=given)
-    opts.plugins(Path("workflows")).register_commands(cli)
-    return opts
+def command_line(argv: list[str], plugins: Sequence[object] = ()) -> tuple[click.Group, Settings]:
+    """This call's command group: the built-in commands and those of the project's plugins.
+
+    Built per call from ``cli`` (which only ever holds the built-in commands), so a
+    plugin's commands never outlive the call that loaded the plugin. The plugins are
+    those of ``--plugins-dir``, else of ``plugins/`` beside ``./workflows`` (the folder
+    the daemon, ``plugins`` and ``schema`` default to); ``plugins`` adds plugin objects
+    (``automator.testing``). They are kept for the command, which reuses them when it
+    asks for the same plugins folder.
+    """
+    opts = Settings(plugins_dir=_plugins_dir_option(argv), extra_plugins=tuple(plugins))
+    group = copy.copy(cli)
+    group.commands = dict(cli.commands)
+    opts.plugins(project_workflows_dir()).register_commands(group)
+    return group, opts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console script: run the CLI and render AutomatorError once, without a traceback."""
+def main(argv: list[str] | None = None, *, plugins: Sequence[object] = ()) -> int:
+    """The console script: run the CLI and render AutomatorError once, without a traceback.
+
+    ``plugins``: plugin objects to load besides the discovered ones (for tests).
+    """
+    install_excepthooks()  # a traceback that escapes anyway shows no secret
     try:
-        opts = _add_plugin_commands(sys.argv[1:] if argv is None else argv)
+        group, opts = command_line(sys.argv[1:] if argv is None else argv, plugins)
         # without standalone mode click returns ctx.exit()'s code instead of exiting
-        code = cli.main(args=argv, prog_name="automator", standalone_mode=False, obj=opts)
+        code = group.main(args=argv, prog_name="automator", standalone_mode=False, obj=opts)
     except WorkflowFileError as exc:
         _print_problems(exc.problems)
         return EXIT_INVALID
     except AutomatorError as exc:
-        stderr.print(f"error: {exc.message}", markup=False)
+        # an error from outside a run (a --dry-run fetch, say) may quote a secret it read
+        redact = process_redactor().text
+        stderr.print(f"error: {redact(exc.message)}", markup=False)
         if exc.hint:
-            stderr.print(f"hint: {exc.hint}", markup=False)
+            stderr.print(f"hint: {redact(exc.hint)}", markup=False)
         return EXIT_FAILED
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -332,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         stderr.print("interrupted", markup=False)
         return 130
+    except SystemExit as exc:
+        # sys.exit() in a (plugin's) command: its code, as the console script would exit with
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or EXIT_OK
+        stderr.print(str(exc.code), markup=False)
+        return EXIT_FAILED
     return code if isinstance(code, int) else EXIT_OK
 
 

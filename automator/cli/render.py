@@ -28,6 +28,7 @@ STATUS_STYLE = {
     "skipped": "dim",
 }
 PROGRESS_MIN_ITEMS = 200
+PROBLEMS_SHOWN = 50  # per outcome in `runs show` without --items
 
 
 class Progress:
@@ -144,9 +145,17 @@ def run_json(run: Run) -> dict[str, Any]:
     }
 
 
-def print_runs(runs: Sequence[Run]) -> None:
+def print_runs(runs: Sequence[Run], *, workflow: str | None = None, status: str | None = None) -> None:
     if not runs:
-        stdout.print("No runs recorded yet. Start one with: automator run FILE")
+        if workflow is None and status is None:
+            stdout.print("No runs recorded yet. Start one with: automator run FILE")
+        else:
+            wanted = " and ".join(
+                part
+                for part in (f"of workflow {workflow!r}" if workflow else "", f"with status {status}" if status else "")
+                if part
+            )
+            stdout.print(f"No runs {_esc(wanted)}.")
         return
     table = Table(box=None, pad_edge=False)
     for column in ("ID", "WORKFLOW", "STATUS", "TRIGGER", "STARTED", "TIME", "FETCHED", *[o.upper() for o in OUTCOMES]):
@@ -175,7 +184,8 @@ def print_runs(runs: Sequence[Run]) -> None:
     stdout.print(table)
 
 
-def step_json(step: StepAttempt, usage: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def step_json(step: StepAttempt, usage: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One step row; ``usage`` is per step row (History.model_usage_by_attempt): calls counted once."""
     return {
         "step_id": step.step_id,
         "type": step.step_type,
@@ -190,7 +200,7 @@ def step_json(step: StepAttempt, usage: dict[str, dict[str, Any]]) -> dict[str, 
         "retries": step.retries,
         "error": step.error,
         "summary": step.summary,
-        "llm": usage.get(step.step_id),
+        "llm": usage.get(step.id),
     }
 
 
@@ -205,10 +215,11 @@ def item_json(item: LedgerItem) -> dict[str, Any]:
     }
 
 
-def run_detail_json(run: Run, items: Sequence[LedgerItem], usage: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_detail_json(run: Run, items: Sequence[LedgerItem], usage: dict[int, dict[str, Any]]) -> dict[str, Any]:
     data = run_json(run)
     data["params"] = run.params
     data["steps"] = [step_json(s, usage) for s in run.steps]
+    items = sorted(items, key=lambda i: i.seq)
     data["quarantined"] = [item_json(i) for i in items if i.outcome == "quarantined"]
     data["failed"] = [item_json(i) for i in items if i.outcome == "failed"]
     data["ledger"] = [item_json(i) for i in items]
@@ -216,7 +227,7 @@ def run_detail_json(run: Run, items: Sequence[LedgerItem], usage: dict[str, dict
 
 
 def print_run_detail(
-    run: Run, items: Sequence[LedgerItem], usage: dict[str, dict[str, Any]], *, all_items: bool
+    run: Run, items: Sequence[LedgerItem], usage: dict[int, dict[str, Any]], *, all_items: bool
 ) -> None:
     info = run_json(run)
     stdout.print(f"Run [bold]{run.id}[/bold] of [bold]{_esc(run.workflow)}[/bold]: {_status(run.status)}")
@@ -235,7 +246,7 @@ def print_run_detail(
         table.add_column(column)
     for step in run.steps:
         seconds = _duration(step.started_at, step.finished_at)
-        llm = usage.get(step.step_id)
+        llm = usage.get(step.id)
         note = step.error or step.summary or ""
         if llm:
             note = (note + " " if note else "") + (
@@ -255,17 +266,23 @@ def print_run_detail(
         )
     stdout.print(table)
     for outcome in ("quarantined", "failed") if not all_items else ("all",):
-        chosen = [i for i in items if outcome == "all" or i.outcome == outcome]
+        # the ledger's order (item seq), whatever order the rows were read in
+        chosen = sorted((i for i in items if outcome == "all" or i.outcome == outcome), key=lambda i: i.seq)
         if not chosen:
             continue
+        # --items means every item; the summary of problems shows the first ones and says so
+        shown = chosen if all_items else chosen[:PROBLEMS_SHOWN]
         stdout.print(f"[bold]{outcome} items[/bold] ({len(chosen)})")
-        for item in chosen[:50]:
+        for item in shown:
             key = f" key {item.key}" if item.key is not None else ""
             status = f"{item.outcome} " if outcome == "all" else ""
             reason = f": {item.reason}" if item.reason else ""
             stdout.print(f"  #{item.seq}{_esc(key)} {status}at {_esc(item.step_id or '-')}{_esc(reason)}")
-        if len(chosen) > 50:
-            stdout.print(f"  ... and {len(chosen) - 50} more (use --json for all)")
+        if len(shown) < len(chosen):
+            stdout.print(
+                f"  showing the first {len(shown)} of {len(chosen)} {outcome} items; "
+                f"all of them: automator runs show {run.id} --items (or --json)"
+            )
 
 
 def print_plugins(infos: Sequence[PluginInfo]) -> None:

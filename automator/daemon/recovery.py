@@ -44,7 +44,7 @@ class Recovery:
                 return None
             return f"its daemon ({owner}) stopped without finishing it"
         if host == socket.gethostname() and pid_text.isdigit():
-            if _process_alive(int(pid_text), run.started_at):
+            if process_alive(int(pid_text), run.started_at):
                 return None
             return f"its process ({owner}) is gone"
         beat = run.heartbeat_at or run.started_at
@@ -96,7 +96,8 @@ class Recovery:
         return Fire(workflow=run.workflow, trigger="resume", resume_run_id=run.id, pinned=workflow)
 
 
-def _process_alive(pid: int, run_started: datetime) -> bool:
+def process_alive(pid: int, run_started: datetime) -> bool:
+    """Whether the process that started a run at ``run_started`` still runs (not a reused pid)."""
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:

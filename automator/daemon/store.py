@@ -15,7 +15,8 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 
 from automator.history.daemon_models import RunRecovery, ScheduleState, TriggerRequest
-from automator.history.models import LedgerItem, Run
+from automator.history.db import inserted_id
+from automator.history.models import LedgerItem, Run, StepAttempt
 from automator.history.store import COUNT_FIELDS, History, now
 
 FIRE_TRIGGERS = ("schedule", "catch_up")
@@ -120,7 +121,7 @@ class DaemonStore:
                     **dict.fromkeys(COUNT_FIELDS, 0),
                 )
             )
-            return int(result.inserted_primary_key[0])
+            return inserted_id(result)
 
     def heartbeat(self, run_ids: Sequence[int]) -> None:
         if not run_ids:
@@ -184,6 +185,14 @@ class DaemonStore:
                 .where(LedgerItem.run_id == run_id, LedgerItem.outcome == "pending")
                 .values(outcome="failed", reason=f"not processed: {reason}", updated_at=stamp)
             )
+            # nor a step row left running by the process that is gone
+            conn.execute(
+                update(StepAttempt)
+                .where(StepAttempt.run_id == run_id, StepAttempt.status == "running")
+                .values(
+                    status=status if status in ("interrupted", "crashed") else "failed", error=reason, finished_at=stamp
+                )
+            )
             counts = dict.fromkeys(COUNT_FIELDS, 0)
             for outcome, count in conn.execute(
                 select(LedgerItem.outcome, func.count()).where(LedgerItem.run_id == run_id).group_by(LedgerItem.outcome)
@@ -219,7 +228,7 @@ class DaemonStore:
             result = conn.execute(
                 insert(TriggerRequest).values(workflow=workflow, params=params, status="pending", requested_at=now())
             )
-            return int(result.inserted_primary_key[0])
+            return inserted_id(result)
 
     def pending_requests(self) -> list[TriggerRequest]:
         with self._errors(), self.history.session() as session:

@@ -72,7 +72,7 @@ def schedule_trigger(schedule: Schedule, *, anchor: datetime | None = None, jitt
     else:
         trigger = DateTrigger(run_date=local_at(schedule), timezone=tz)
     if jitter and schedule.jitter is not None:
-        trigger.jitter = int(schedule.jitter.total_seconds()) or None  # type: ignore[attr-defined]
+        trigger.jitter = int(schedule.jitter.total_seconds()) or None
     return trigger
 
 

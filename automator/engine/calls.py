@@ -104,11 +104,21 @@ class Caller:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-line account of an error for the history: type and message, no traceback."""
+    """A one-line account of an error for the history: type and message, no traceback.
+
+    Never empty: an exception without a message is named by its type, and its cause (the
+    driver's or the socket's error a library wrapped) is added when it says more.
+    """
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        text = str(exc).strip()
+        return f"timed out: {text}" if text else "timed out"
     if isinstance(exc, StepError):
-        return exc.message
+        return exc.message.strip() or _with_cause(type(exc).__name__, exc)
     text = str(exc).strip()
     name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    return f"{name}: {text}" if text else _with_cause(name, exc)
+
+
+def _with_cause(name: str, exc: BaseException) -> str:
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return f"{name} (caused by {describe_error(cause)})" if cause is not None else name

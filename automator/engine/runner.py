@@ -10,25 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from automator import templates
 from automator.engine.calls import Caller, describe_error
 from automator.engine.context import RunContext
 from automator.errors import ConfigError, HistoryError, QuarantineItem, SkipItem, StepError
 from automator.history.store import History, ItemRow, OutcomeRow
 from automator.plugins.events import ItemOutcome, RunFinished, RunInfo, RunStarted, StepFinished, StepStarted
 from automator.plugins.manager import Plugins
-from automator.plugins.steps import PHASE_METHOD, Item, Phase, Step
+from automator.plugins.steps import PHASE_METHOD, DeliverStep, FetchStep, Item, Phase, Step
 from automator.spec.loader import BoundStep, Workflow
 
 ProgressCallback = Callable[[str, int, int], None]
+log = logging.getLogger("automator.engine")
 HEARTBEAT_SECONDS = 10.0
 FLUSH_EVERY = 500
 # deliveries are written down soon after they happen (after 20 of them, or 0.2 s): a run
@@ -109,6 +110,8 @@ class Run:
         self._item_events = plugins.wants_item_events  # asked once: it is per item otherwise
         self.summaries: list[tuple[str, str]] = []
         self.context: RunContext | None = None
+        # step rows started and not finished yet: the run's end closes them (no step stays running)
+        self._open_steps: dict[int, tuple[BoundStep, float, int]] = {}
 
     # -- the ledger -------------------------------------------------------------------
 
@@ -134,12 +137,14 @@ class Run:
         self._flushed_at = time.monotonic()
         if self.context is None:
             return
+        # the rows are dropped only once written: a history that could not take them keeps
+        # them for the next flush (the run's end tries again)
         if self._pending_progress:
-            progress, self._pending_progress = self._pending_progress, []
-            self.history.set_delivered_by(self.context.run_id, progress)
+            self.history.set_delivered_by(self.context.run_id, self._pending_progress)
+            self._pending_progress = []
         if self._pending_outcomes:
-            rows, self._pending_outcomes = self._pending_outcomes, []
-            self.history.set_outcomes(self.context.run_id, rows)
+            self.history.set_outcomes(self.context.run_id, self._pending_outcomes)
+            self._pending_outcomes = []
 
     def _delivered(self, item: Item, bound: BoundStep, *, batch: bool = False) -> bool:
         """An item reached a receiver: write it down now. True if that ended the item."""
@@ -186,6 +191,9 @@ class Run:
         record = self.history.get_run(run_id)
         if record is None:
             raise HistoryError(f"no run with id {run_id} to resume")
+        # the crashed process could not finish its step rows: they end here, so that a
+        # finished run has no running step (its model calls stay with the attempt that made them)
+        self.history.close_open_steps(run_id, status="crashed", error="the run's process stopped during this step")
         self.trigger = record.trigger
         self._resumed = True
         self.scheduled_for = record.scheduled_for
@@ -250,6 +258,10 @@ class Run:
         except asyncio.CancelledError:
             status, error = "interrupted", "the run was interrupted"
             raise
+        except HistoryError as exc:
+            # the history could not be written (locked past its retries, read-only): the run
+            # stops, and its end is recorded below if the database takes it by then
+            status, error = "failed", f"the run history could not be written: {exc.message}"
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -263,19 +275,52 @@ class Run:
                 status, error_step = "failed", step_id
                 error = f"{self.counts['failed']} item(s) failed; first: {reason}"
             error = ctx.redactor.text(error)
-            self._flush()
-            self.history.finish_run(info.id, status=status, error=error, error_step=error_step, counts=self.counts)
+            self._record_end(info.id, status, error, error_step)
             duration = time.monotonic() - started
             self.plugins.run_finished(RunFinished(info, status, error, dict(self.counts), duration))
         if status != "succeeded" and wf.on_failure:
             await self._on_failure(status, error, error_step)
         return RunResult(info.id, wf.name, status, error, error_step, dict(self.counts), self.summaries, duration)
 
+    def _record_end(self, run_id: int, status: str, error: str | None, error_step: str | None) -> None:
+        """The run's end in the history, or a HistoryError that says the run is left to recover."""
+        try:
+            self._close_open_steps(status, error)
+            self._flush()
+            self.history.finish_run(run_id, status=status, error=error, error_step=error_step, counts=self.counts)
+        except HistoryError as exc:
+            raise HistoryError(
+                f"run {run_id} ended {status}{f' ({error})' if error else ''}, but the history could not "
+                f"record it: {exc.message}",
+                hint="the next automator command (or the daemon) finishes the run once the database can be written",
+            ) from None
+
+    def _close_open_steps(self, run_status: str, error: str | None) -> None:
+        """Steps the run's end cut short (a signal, the run's timeout) end with the run."""
+        status = run_status if run_status in ("interrupted", "timed_out") else "failed"
+        for attempt_id, (bound, started, items_in) in list(self._open_steps.items()):
+            self._step_finished(
+                bound,
+                attempt_id,
+                started,
+                status=status,
+                error=error or f"the run ended {run_status} before the step finished",
+                items_in=items_in,
+                items_out=0,
+                retries=0,
+                summary=None,
+            )
+
     async def _heartbeat(self) -> None:
         assert self.context is not None
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            self.history.update_counts(self.context.run_id, self.counts)
+            try:
+                self.history.update_counts(self.context.run_id, self.counts)
+            except HistoryError as exc:
+                # a missed beat is not the run's end (the next one tries again); the task must
+                # not die with an exception nobody retrieves
+                log.warning("run %s: heartbeat not recorded: %s", self.context.run_id, exc.message)
 
     async def _run_steps(self) -> None:
         for bound in self.workflow.steps:
@@ -328,7 +373,9 @@ class Run:
             attempt=attempt,
             items_in=items_in,
         )
-        return attempt_id, time.monotonic()
+        started = time.monotonic()
+        self._open_steps[attempt_id] = (bound, started, items_in)
+        return attempt_id, started
 
     def _step_finished(
         self,
@@ -344,6 +391,7 @@ class Run:
         summary: str | None,
     ) -> None:
         assert self.context is not None
+        self._open_steps.pop(attempt_id, None)
         redact = self.context.redactor.text
         self.history.finish_step(
             attempt_id,
@@ -400,7 +448,7 @@ class Run:
 
         caller.on_failed_attempt = record_failed_attempt
         try:
-            raw = await caller.call(step.fetch)
+            raw = await caller.call(cast(FetchStep[Any], step).fetch)
             if raw is None:
                 raw = []
             elif not isinstance(raw, Iterable) or isinstance(raw, str | bytes | dict):
@@ -414,7 +462,7 @@ class Run:
             raise _StopRun(f"step {bound.id} ({bound.type.name}) failed: {error}", bound.id) from None
         await step.close()
         new_items = self._admit(bound, fetched)
-        summary = step.summary()
+        summary = self.context.redactor.text(step.summary())  # shown by `automator run`: no secrets
         if summary:
             self.summaries.append((bound.id, summary))
         self._step_finished(
@@ -442,7 +490,7 @@ class Run:
             item = Item(seq=first_seq + offset, data=data, steps={bound.id: data})
             if bound.spec.key is not None:
                 try:
-                    item.key = templates.render_text(bound.spec.key, ctx.template_context(item))
+                    item.key = ctx.render_text(bound.spec.key, item)
                 except StepError as exc:
                     key_errors[item.seq] = f"key: {exc.message}"
             items.append(item)
@@ -491,7 +539,7 @@ class Run:
         sent = [i for i in items if bound.id in self._delivered_by.get(i.seq, ())]
         todo = [i for i in items if bound.id not in self._delivered_by.get(i.seq, ())] if sent else items
         try:
-            if bound.phase is Phase.DELIVER and type(step).deliver_batch is not None:
+            if bound.phase is Phase.DELIVER and cast(type[DeliverStep[Any]], type(step)).deliver_batch is not None:
                 survivors = await self._deliver_batch(bound, step, caller, todo)
             elif bound.phase is Phase.TRANSFORM and getattr(step, "transform_batch", None) is not None:
                 survivors = await self._transform_batch(bound, step, todo)
@@ -505,7 +553,8 @@ class Run:
         self.active = survivors
         failed_here = self.counts["failed"] - failed_before
         items_out = len(survivors) + (self._step_delivered if bound is self.workflow.steps[-1] else 0)
-        summary = step.summary()
+        assert self.context is not None
+        summary = self.context.redactor.text(step.summary())  # shown by `automator run`: no secrets
         if summary:
             self.summaries.append((bound.id, summary))
         self._step_finished(
@@ -665,10 +714,11 @@ class Run:
             caller = self._caller(bound)
             attempt_id, started = self._step_started(bound, 1)
             try:
-                if type(step).deliver_batch is not None:
-                    await caller.call(step.deliver_batch, [notice])  # type: ignore[attr-defined]
+                deliverer = cast(DeliverStep[Any], step)
+                if type(deliverer).deliver_batch is not None:
+                    await caller.call(deliverer.deliver_batch, [notice])
                 else:
-                    await caller.call(step.deliver, notice)  # type: ignore[attr-defined]
+                    await caller.call(deliverer.deliver, notice)
                 outcome, problem = "succeeded", None
             except Exception as exc:  # noqa: BLE001 - a failed notification is recorded, not raised
                 outcome, problem = "failed", describe_error(exc)

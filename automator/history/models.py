@@ -79,7 +79,8 @@ class StepAttempt(Base):
     step_type: Mapped[str] = mapped_column(String(200))
     phase: Mapped[str] = mapped_column(String(20))
     attempt: Mapped[int] = mapped_column(default=1)
-    status: Mapped[str] = mapped_column(String(20))  # running | succeeded | failed
+    # running | succeeded | failed | interrupted | timed_out | crashed (its process died; the run resumed)
+    status: Mapped[str] = mapped_column(String(20))
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
     items_in: Mapped[int] = mapped_column(default=0)

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, selectinload
 
+from automator.errors import HistoryError
 from automator.history import db
 from automator.history.models import LedgerItem, ModelCall, Run, StepAttempt
 
 OUTCOMES = ("delivered", "skipped", "quarantined", "failed")
+# every status a run row can have: `running` until the engine (or recovery) ends it
+RUN_STATUSES = ("running", "succeeded", "failed", "timed_out", "interrupted", "crashed", "skipped")
 _COLUMNS = LedgerItem.__table__.c
 COUNT_FIELDS = ("fetched", *OUTCOMES)
+LOCK_RETRIES = 5
+T = TypeVar("T")
+log = logging.getLogger("automator.history")
 
 
 def now() -> datetime:
@@ -83,6 +92,9 @@ class History:
     def __init__(self, url: str | None = None, *, auto_upgrade: bool | None = None) -> None:
         self.url = db.database_url(url)
         self.engine = db.open_engine(self.url)
+        # another program's lock (a sqlite3 shell, a backup) is waited out: each try waits
+        # the busy timeout, then a pause that grows up to it, LOCK_RETRIES times
+        self.lock_wait = db.busy_timeout(self.url) if db.is_embedded(self.url) else db.DEFAULT_BUSY_TIMEOUT
         if auto_upgrade is None:
             auto_upgrade = db.is_embedded(self.url)
         db.ensure_schema(self.engine, auto_upgrade=auto_upgrade)
@@ -95,6 +107,52 @@ class History:
 
     def _errors(self) -> Any:
         return db.database_errors(self.url)
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one transaction; a locked database is retried, bounded, then a HistoryError.
+
+        The whole transaction is tried again (never half of it), so ``work`` must only
+        talk to the database.
+        """
+        return self._retrying(lambda: self._in_transaction(work))
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` with a session (objects stay usable after it); a locked database is retried."""
+
+        def attempt() -> T:
+            with self.session() as session:
+                return work(session)
+
+        return self._retrying(attempt)
+
+    def _in_transaction(self, work: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return work(conn)
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        with self._errors():
+            for retry in range(1, LOCK_RETRIES + 1):
+                try:
+                    return attempt()
+                except DBAPIError as exc:
+                    if not db.is_locked(exc):
+                        raise
+                    pause = min(self.lock_wait * 2 ** (retry - 3), self.lock_wait)
+                    log.warning("history database locked, retrying (%d/%d) in %.2gs", retry, LOCK_RETRIES, pause)
+                    time.sleep(pause)
+            try:
+                return attempt()
+            except DBAPIError as exc:
+                if not db.is_locked(exc):
+                    raise
+                waited = (LOCK_RETRIES + 1) * self.lock_wait
+                raise HistoryError(
+                    f"the history database {db.safe_url(self.url)} stayed locked by another program "
+                    f"for over {waited:g}s ({LOCK_RETRIES} retries): {str(exc.orig).strip() or 'locked'}",
+                    hint="close the program that holds it (a sqlite3 shell, a backup); "
+                    "a run it left unfinished is finished by the next automator command",
+                ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- runs -------------------------------------------------------------------------
 
@@ -127,38 +185,48 @@ class History:
             quarantined=0,
             failed=0,
         )
-        with self._errors(), self.session() as session:
+
+        def work(session: Session) -> None:
             session.add(run)
             session.commit()
+
+        self.read(work)  # a session's write: retried like the rest when the database is locked
         return run
 
     def heartbeat(self, run_id: int) -> None:
-        with self._errors(), self.engine.begin() as conn:
+        def work(conn: Connection) -> Any:
             conn.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=now()))
+
+        self.write(work)
 
     def finish_run(
         self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
     ) -> None:
         values = {k: counts.get(k, 0) for k in COUNT_FIELDS}
-        with self._errors(), self.engine.begin() as conn:
+
+        def work(conn: Connection) -> Any:
             conn.execute(
                 update(Run)
                 .where(Run.id == run_id)
                 .values(status=status, error=error, error_step=error_step, finished_at=now(), **values)
             )
 
+        self.write(work)
+
     def update_counts(self, run_id: int, counts: dict[str, int]) -> None:
-        with self._errors(), self.engine.begin() as conn:
+        def work(conn: Connection) -> Any:
             conn.execute(
                 update(Run)
                 .where(Run.id == run_id)
                 .values(heartbeat_at=now(), **{k: counts.get(k, 0) for k in COUNT_FIELDS})
             )
 
+        self.write(work)
+
     # -- steps ------------------------------------------------------------------------
 
     def start_step(self, run_id: int, *, step_id: str, step_type: str, phase: str, attempt: int, items_in: int) -> int:
-        with self._errors(), self.engine.begin() as conn:
+        def work(conn: Connection) -> Any:
             result = conn.execute(
                 insert(StepAttempt).values(
                     run_id=run_id,
@@ -171,7 +239,9 @@ class History:
                     items_in=items_in,
                 )
             )
-            return int(result.inserted_primary_key[0])
+            return db.inserted_id(result)
+
+        return self.write(work)
 
     def finish_step(
         self,
@@ -183,7 +253,7 @@ class History:
         retries: int = 0,
         summary: str | None = None,
     ) -> None:
-        with self._errors(), self.engine.begin() as conn:
+        def work(conn: Connection) -> Any:
             conn.execute(
                 update(StepAttempt)
                 .where(StepAttempt.id == attempt_id)
@@ -197,6 +267,22 @@ class History:
                 )
             )
 
+        self.write(work)
+
+    def close_open_steps(self, run_id: int, *, status: str, error: str) -> int:
+        """End the run's step rows still ``running`` (their process is gone); how many there were."""
+
+        def work(conn: Connection) -> Any:
+            return int(
+                conn.execute(
+                    update(StepAttempt)
+                    .where(StepAttempt.run_id == run_id, StepAttempt.status == "running")
+                    .values(status=status, error=error, finished_at=now())
+                ).rowcount
+            )
+
+        return self.write(work)
+
     # -- the item ledger --------------------------------------------------------------
 
     # The ledger is written once per item, twice per run: these go straight to the driver's
@@ -206,7 +292,8 @@ class History:
         if not rows:
             return
         stamp = now()
-        with self._errors(), self.engine.begin() as conn:
+
+        def work(conn: Connection) -> Any:
             _executemany(
                 conn,
                 insert(LedgerItem),
@@ -227,6 +314,8 @@ class History:
                 time_keys=("updated_at",),
             )
 
+        self.write(work)
+
     def set_outcomes(self, run_id: int, rows: Iterable[OutcomeRow]) -> None:
         rows = list(rows)
         if not rows:
@@ -243,7 +332,8 @@ class History:
             )
         )
         stamp = now()
-        with self._errors(), self.engine.begin() as conn:
+
+        def work(conn: Connection) -> Any:
             _executemany(
                 conn,
                 statement,
@@ -263,6 +353,8 @@ class History:
                 time_keys=("b_stamp",),
             )
 
+        self.write(work)
+
     def set_delivered_by(self, run_id: int, rows: Iterable[tuple[int, list[str]]]) -> None:
         """Record which deliver steps items passed (items still pending, in a longer workflow)."""
         rows = list(rows)
@@ -277,7 +369,8 @@ class History:
             )
         )
         stamp = now()
-        with self._errors(), self.engine.begin() as conn:
+
+        def work(conn: Connection) -> Any:
             _executemany(
                 conn,
                 statement,
@@ -285,6 +378,8 @@ class History:
                 json_keys=("b_steps",),
                 time_keys=("b_stamp",),
             )
+
+        self.write(work)
 
     def delivered_keys(self, workflow: str, keys: Iterable[str]) -> dict[str, int]:
         """Which of ``keys`` an earlier run of ``workflow`` delivered, and in which run."""
@@ -302,7 +397,7 @@ class History:
                     )
                     .group_by(LedgerItem.key)
                 )
-                found.update({key: run_id for key, run_id in rows})
+                found.update({key: run_id for key, run_id in rows if key is not None})
         return found
 
     # -- model calls ------------------------------------------------------------------
@@ -310,8 +405,11 @@ class History:
     def record_model_call(self, **fields: Any) -> None:
         fields.setdefault("created_at", now())
         fields.setdefault("cost_usd", Decimal(0))
-        with self._errors(), self.engine.begin() as conn:
+
+        def work(conn: Connection) -> Any:
             conn.execute(insert(ModelCall).values(**fields))
+
+        self.write(work)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -321,19 +419,68 @@ class History:
             query = query.where(Run.workflow == workflow)
         if status:
             query = query.where(Run.status == status)
-        with self._errors(), self.session() as session:
-            return list(session.scalars(query))
+        return self.read(lambda session: list(session.scalars(query)))
 
     def get_run(self, run_id: int) -> Run | None:
-        with self._errors(), self.session() as session:
-            return session.scalars(select(Run).where(Run.id == run_id).options(selectinload(Run.steps))).one_or_none()
+        query = select(Run).where(Run.id == run_id).options(selectinload(Run.steps))
+        return self.read(lambda session: session.scalars(query).one_or_none())
 
     def items(self, run_id: int, outcomes: Sequence[str] | None = None) -> list[LedgerItem]:
         query = select(LedgerItem).where(LedgerItem.run_id == run_id).order_by(LedgerItem.seq)
         if outcomes:
             query = query.where(LedgerItem.outcome.in_(outcomes))
-        with self._errors(), self.session() as session:
-            return list(session.scalars(query))
+        return self.read(lambda session: list(session.scalars(query)))
+
+    def model_usage_by_attempt(self, run_id: int) -> dict[int, dict[str, Any]]:
+        """Per step row: the model calls made while it ran, each call counted once.
+
+        A call belongs to the newest row of its step that started before it; a resumed
+        run's step has two rows, and each shows only its own calls.
+        """
+        attempt = (
+            select(func.max(StepAttempt.id))
+            .where(
+                StepAttempt.run_id == ModelCall.run_id,
+                StepAttempt.step_id == ModelCall.step_id,
+                StepAttempt.started_at <= ModelCall.created_at,
+            )
+            .correlate(ModelCall)
+            .scalar_subquery()
+        )
+        first = select(StepAttempt.step_id, func.min(StepAttempt.id)).where(StepAttempt.run_id == run_id)
+        query = (
+            select(
+                attempt,
+                ModelCall.step_id,
+                func.count(),
+                func.coalesce(func.sum(ModelCall.input_tokens), 0),
+                func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
+                func.coalesce(func.sum(ModelCall.output_tokens), 0),
+                func.coalesce(func.sum(ModelCall.cost_usd), 0),
+            )
+            .where(ModelCall.run_id == run_id, ModelCall.status != "cached")
+            .group_by(attempt, ModelCall.step_id)
+        )
+        usage: dict[int, dict[str, Any]] = {}
+        with self._errors(), self.engine.connect() as conn:
+            first_row: dict[str, int] = {step: row for step, row in conn.execute(first.group_by(StepAttempt.step_id))}
+            for attempt_id, step, calls, inp, cached, out, cost in conn.execute(query):
+                # a call stamped before its step's first row (clocks of two hosts): the first row
+                row = attempt_id if attempt_id is not None else first_row.get(step)
+                if row is None:
+                    continue  # a step of the run with no row at all: nothing to show it on
+                total = usage.setdefault(
+                    row,
+                    {"calls": 0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0, "cost": Decimal(0)},
+                )
+                total["calls"] += calls
+                total["input_tokens"] += int(inp)
+                total["cached_input_tokens"] += int(cached)
+                total["output_tokens"] += int(out)
+                total["cost"] += Decimal(str(cost))
+        for total in usage.values():
+            total["cost_usd"] = float(total.pop("cost").quantize(Decimal("0.000000001")))
+        return usage
 
     def model_usage(self, run_id: int) -> dict[str, dict[str, Any]]:
         """Per step: calls, tokens and cost of the run's model calls."""

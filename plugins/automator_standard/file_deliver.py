@@ -6,7 +6,8 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,8 @@ class FileDeliver(DeliverStep[FileDeliverConfig]):
     def deliver_batch(self, items: list[Item]) -> None:
         path = self.resolve_path(self.render_text(self.config.path))
         fmt = self._format(path)
-        rows = [item.data for item in items]
+        # a model answer, a fetched body or a template may quote a secret: files keep none
+        rows = [self.context.redactor.data(item.data) for item in items]
         existing = ""
         if self.config.mode == "append" and path.exists():
             existing = path.read_text(encoding="utf-8")
@@ -82,10 +84,15 @@ def _cell(value: Any) -> Any:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of it."""
+    """Readers see the old file or the new one, never half of it.
+
+    The file gets the mode any program's new file gets (0666 less the umask), or keeps the
+    mode it had: ``mkstemp`` would make it 0600 whatever the umask, unreadable to the
+    group that reads the output.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, temp = _create_temp(path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
                 handle.write(text)
@@ -97,6 +104,24 @@ def _write_atomically(path: Path, text: str) -> None:
             raise
     except OSError as exc:
         raise StepError(f"cannot write {path}: {exc.strerror or exc}", retryable=False) from None
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file beside ``path``, with the mode ``path`` has or will get."""
+    try:
+        mode: int | None = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = None
+    while True:
+        temp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            # 0o666: the kernel takes the umask off, as for any new file
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            os.fchmod(fd, mode)
+        return fd, temp
 
 
 @hookimpl

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 from automator import StepError
+from automator.engine.calls import describe_error
+from automator.redaction import process_redactor
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
 
@@ -29,7 +33,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 def raise_for_status(response: httpx.Response, method: str, url: str) -> None:
     if response.status_code < 400:
         return
-    body = response.text[:200].replace("\n", " ").strip()
+    # secrets out before the cut: half a secret cut at 200 characters would not be recognised
+    body = (process_redactor().text(response.text) or "")[:200].replace("\n", " ").strip()
     detail = f": {body}" if body else ""
     raise HttpStatusError(
         f"{method} {url} answered {response.status_code} {response.reason_phrase}{detail}",
@@ -38,9 +43,19 @@ def raise_for_status(response: httpx.Response, method: str, url: str) -> None:
     )
 
 
-def transport_error(exc: httpx.HTTPError, method: str, url: str, timeout: float) -> StepError:
+def with_params(url: str, params: dict[str, Any] | None) -> httpx.URL:
+    """The url with ``params`` added to its own query (httpx's ``params=`` would replace it).
+
+    A name in both takes the value from ``params``; without params the url is sent as written.
+    """
+    target = httpx.URL(url)
+    return target.copy_merge_params(params) if params else target
+
+
+def transport_error(exc: httpx.HTTPError | httpx.InvalidURL, method: str, url: str, timeout: float) -> StepError:
     if isinstance(exc, httpx.TimeoutException):
         return StepError(f"{method} {url} timed out after {timeout:g}s")
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return StepError(f"{method} {url}: {exc}", retryable=False)
-    return StepError(f"{method} {url} failed: {type(exc).__name__}: {exc}")
+        return StepError(f"{method} {url}: {str(exc).strip() or type(exc).__name__}", retryable=False)
+    # httpx's errors often have no text of their own (a reset connection): name the type then
+    return StepError(f"{method} {url} failed: {describe_error(exc)}")

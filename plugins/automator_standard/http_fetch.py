@@ -11,14 +11,17 @@ from pydantic import Field
 
 from automator import Duration, FetchStep, StepConfig, StepError, hookimpl
 from automator_standard._paths import as_item_list, dig
-from automator_standard.http_errors import raise_for_status, transport_error
+from automator_standard.http_errors import raise_for_status, transport_error, with_params
 
 
 class HttpFetchConfig(StepConfig):
     url: str = Field(description="The address to fetch; templates allowed.")
     method: Literal["GET", "POST", "PUT", "PATCH"] = "GET"
     headers: dict[str, str] = Field(default_factory=dict, description="Request headers; templates allowed.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Query parameters.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Query parameters, added to the query the url already has (a name in both: this value).",
+    )
     body: Any = Field(None, description="A JSON body to send (with POST, say).")
     format: Literal["auto", "json", "text", "lines", "feed"] = Field(
         "auto", description="How to read the response; auto looks at its content type."
@@ -37,17 +40,15 @@ class HttpFetch(FetchStep[HttpFetchConfig]):
     async def fetch(self) -> list[Any]:
         cfg = self.config
         url = self.render_text(cfg.url)
-        request: dict[str, Any] = {
-            "headers": {k: self.render_text(v) for k, v in cfg.headers.items()},
-            "params": self.render(cfg.params),
-        }
+        request: dict[str, Any] = {"headers": {k: self.render_text(v) for k, v in cfg.headers.items()}}
         if cfg.body is not None:
             request["json"] = self.render(cfg.body)
         seconds = cfg.timeout.total_seconds()
         async with httpx.AsyncClient(timeout=seconds, verify=cfg.verify_tls, follow_redirects=True) as client:
             try:
-                response = await client.request(cfg.method, url, **request)
-            except httpx.HTTPError as exc:
+                target = with_params(url, self.render(cfg.params))
+                response = await client.request(cfg.method, target, **request)
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise transport_error(exc, cfg.method, url, seconds) from None
         raise_for_status(response, cfg.method, url)
         return self._items(response)
@@ -67,7 +68,8 @@ class HttpFetch(FetchStep[HttpFetchConfig]):
             try:
                 document = response.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
-                preview = response.text[:80].replace("\n", " ")
+                # secrets out before the cut (half a secret would not be recognised later)
+                preview = (self.context.redactor.text(response.text) or "")[:80].replace("\n", " ")
                 raise StepError(
                     f"{what}: the response is not JSON (content-type {content_type or 'none'}; starts {preview!r})",
                     retryable=False,

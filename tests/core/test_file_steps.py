@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
+
+import pytest
 
 
 def test_globs_over_csv_jsonl_and_json_files(cli, write_workflow, workflow_dir: Path) -> None:
@@ -115,3 +119,55 @@ def test_a_template_transform_with_one_template_and_into(cli, write_workflow, wo
     )
     cli("run", path)
     assert json.loads((workflow_dir / "out.jsonl").read_text()) == {"text": "#1: DISK FULL", "raw_title": "disk full"}
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (as a shell's `umask 022` would)."""
+    previous = os.umask(0o022)
+    yield lambda value: os.umask(value)
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_an_output_file_gets_the_mode_the_umask_gives(
+    cli, write_workflow, workflow_dir: Path, umask, mask, expected
+) -> None:
+    (workflow_dir / "items.jsonl").write_text('{"id": 1}\n')
+    path = write_workflow(
+        """
+        steps:
+          - id: read
+            uses: file.fetch
+            with: {path: items.jsonl}
+          - id: write
+            uses: file.deliver
+            with: {path: out/items.jsonl}
+        """
+    )
+    umask(mask)
+    run = cli("run", path, "--json").json()
+    assert run["status"] == "succeeded", run
+    assert stat.S_IMODE((workflow_dir / "out" / "items.jsonl").stat().st_mode) == expected
+
+
+def test_an_existing_output_file_keeps_its_mode(cli, write_workflow, workflow_dir: Path, umask) -> None:
+    (workflow_dir / "items.jsonl").write_text('{"id": 1}\n')
+    out = workflow_dir / "out.jsonl"
+    out.write_text("")
+    out.chmod(0o640)  # the operator chose who reads the output
+    path = write_workflow(
+        """
+        steps:
+          - id: read
+            uses: file.fetch
+            with: {path: items.jsonl}
+          - id: write
+            uses: file.deliver
+            with: {path: out.jsonl, mode: append}
+        """
+    )
+    run = cli("run", path, "--json").json()
+    assert run["status"] == "succeeded", run
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert out.read_text() == '{"id": 1}\n'

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -137,3 +138,77 @@ def test_the_console_script_exit_codes(tmp_path: Path) -> None:
     bad = run_console("run", str(invalid), env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f"{invalid}:2:1: invalid YAML" in bad.stderr
+
+
+def _ticket_flow(tmp_path: Path) -> Path:
+    (tmp_path / "items.jsonl").write_text('{"id": 1}\n')
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(
+        "steps:\n  - id: read\n    uses: file.fetch\n    with: {path: items.jsonl}\n    key: '{{ item.id }}'\n"
+    )
+    return flow
+
+
+def test_a_database_url_into_a_missing_folder_is_an_error_not_a_new_history(tmp_path: Path) -> None:
+    # a mistyped path must not start an empty history (everything would be delivered again)
+    missing = tmp_path / "no" / "such" / "dir"
+    done = run_console("--database-url", f"sqlite:///{missing / 'h.db'}", "run", str(_ticket_flow(tmp_path)))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"error: the folder of the history database {missing / 'h.db'} does not exist" in done.stderr
+    assert f"mkdir -p {missing}" in done.stderr and "automator db upgrade" in done.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_db_upgrade_creates_a_new_history_where_it_is_asked_to(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "place" / "h.db"
+    url = f"sqlite:///{target}"
+    assert run_console("--database-url", url, "db", "upgrade").returncode == 0
+    assert target.is_file()
+    done = run_console("--database-url", url, "run", str(_ticket_flow(tmp_path)))
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_new_history_file_in_an_existing_folder_is_created(tmp_path: Path) -> None:
+    done = run_console("--database-url", f"sqlite:///{tmp_path / 'fresh.db'}", "run", str(_ticket_flow(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fresh.db").is_file()
+
+
+def test_the_default_location_is_created_without_asking(tmp_path: Path) -> None:
+    home = tmp_path / "home" / "automator"
+    env = {k: v for k, v in os.environ.items() if k != db.ENV_URL} | {"AUTOMATOR_HOME": str(home)}
+    done = run_console("run", str(_ticket_flow(tmp_path)), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (home / "history.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("url", "message", "hint"),
+    [
+        (
+            "postgres://ops:hunter2@db.example/automator",
+            "error: unknown database kind 'postgres' in postgres://ops:***@db.example/automator",
+            "hint: write postgresql:// (or postgresql+psycopg://) instead of postgres://",
+        ),
+        ("nonsense://", "error: unknown database kind 'nonsense' in nonsense://", "hint: use sqlite:///PATH"),
+        ("postgresql+nosuch://db/x", "error: unknown database kind 'postgresql+nosuch'", "hint: use sqlite:///PATH"),
+        ("mysql://db/x", "error: the database driver for mysql://db/x is not installed", "hint: install it"),
+        ("not a url", "error: invalid database URL 'not a url'", "hint: write it as sqlite:///PATH"),
+    ],
+)
+def test_a_database_url_that_cannot_work_says_what_to_write(url: str, message: str, hint: str) -> None:
+    done = run_console("--database-url", url, "runs")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr
+    assert hint in done.stderr
+    assert "hunter2" not in done.stderr
+
+
+def test_db_upgrade_to_an_unknown_revision_is_a_clear_error(tmp_path: Path) -> None:
+    done = run_console("--database-url", f"sqlite:///{tmp_path / 'h.db'}", "db", "upgrade", "--revision", "nosuch")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "error: cannot upgrade the history database to 'nosuch': Can't locate revision" in done.stderr
+    assert f"hint: give a known revision (the newest is {db.head_revision()})" in done.stderr

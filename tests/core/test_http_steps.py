@@ -247,3 +247,48 @@ def test_on_failure_steps_tell_someone_when_a_run_fails(cli, httpserver, monkeyp
     assert "answered 503 SERVICE UNAVAILABLE: maintenance" in notices[0]["text"]
     steps = cli("runs", "show", str(run["id"]), "--json").json()["steps"]
     assert steps[-1]["step_id"] == "tell-ops" and steps[-1]["status"] == "succeeded"
+
+
+def _received_queries(httpserver) -> list[str]:
+    return [request.query_string.decode() for request, _response in httpserver.log]
+
+
+def test_the_query_string_of_the_url_is_sent_without_params(cli, write_workflow, httpserver) -> None:
+    # the README's own example: `url: ...?status=new` must fetch the new tickets only
+    httpserver.expect_request("/api/tickets").respond_with_json([{"id": 1}])
+    path = fetch_workflow(write_workflow, httpserver.url_for("/api/tickets") + "?status=new&team=ops")
+    run = cli("run", path, "--json").json()
+    assert run["status"] == "succeeded", run
+    assert _received_queries(httpserver) == ["status=new&team=ops"]
+
+
+def test_params_are_added_to_the_query_string_of_the_url(cli, write_workflow, httpserver) -> None:
+    httpserver.expect_request("/api/tickets").respond_with_json([{"id": 1}])
+    path = fetch_workflow(
+        write_workflow,
+        httpserver.url_for("/api/tickets") + "?status=new&page=1",
+        "params: {page: 2, tag: [a, b]}",
+    )
+    run = cli("run", path, "--json").json()
+    assert run["status"] == "succeeded", run
+    # the url's own names stay; a name in both takes the value from params
+    assert _received_queries(httpserver) == ["status=new&page=2&tag=a&tag=b"]
+
+
+def test_a_webhook_url_keeps_its_query_string(cli, write_workflow, httpserver) -> None:
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    path = write_workflow(
+        f"""
+        steps:
+          - id: read
+            uses: file.fetch
+            with: {{path: items.jsonl}}
+          - id: post
+            uses: webhook.deliver
+            with: {{url: "{httpserver.url_for("/hook")}?token=abc&channel=ops"}}
+        """
+    )
+    (path.parent / "items.jsonl").write_text('{"id": 1}\n')
+    run = cli("run", path, "--json").json()
+    assert run["status"] == "succeeded", run
+    assert _received_queries(httpserver) == ["token=abc&channel=ops"]

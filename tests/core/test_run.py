@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+from werkzeug import Request, Response
 
 from tests.conftest import REPO, run_console
 
@@ -414,6 +420,10 @@ def test_step_timeout_and_run_timeout(cli, tickets, write_workflow, plugin_file)
     assert run["error"] == "the run exceeded its timeout of 0.3s"
     assert run["items"]["failed"] == 10  # every item is accounted for
     ledger_adds_up(run)
+    steps = cli("runs", "show", str(run["id"]), "--json").json()["steps"]
+    # the step the timeout cut short ends with the run: a finished run has no running step
+    assert [(s["step_id"], s["status"]) for s in steps] == [("read", "succeeded"), ("slow", "timed_out")]
+    assert steps[1]["finished_at"] is not None
 
 
 def test_a_broken_plugin_file_is_reported_and_the_rest_works(cli, tickets, write_workflow, plugin_file) -> None:
@@ -512,18 +522,20 @@ def test_an_unwritable_history_location_is_a_clear_error(tmp_path: Path, tickets
     )
     import os
 
-    env = {**os.environ, "AUTOMATOR_DATABASE_URL": f"sqlite:///{locked}/sub/history.db"}
+    env = {**os.environ, "AUTOMATOR_DATABASE_URL": f"sqlite:///{locked}/history.db"}
+    expected = f"error: cannot write the history database {locked}/history.db: permission denied"
     try:
         if os.geteuid() == 0:
             # root may write anywhere; a path below a file is unwritable for everyone
             (tmp_path / "afile").write_text("x")
             env["AUTOMATOR_DATABASE_URL"] = f"sqlite:///{tmp_path}/afile/history.db"
+            expected = f"error: cannot use the history database {tmp_path}/afile/history.db: {tmp_path}/afile is not a"
         done = run_console("run", str(path), env=env)
     finally:
         locked.chmod(0o700)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: cannot create the folder for the history database")
+    assert done.stderr.startswith(expected)
     assert "hint: set AUTOMATOR_DATABASE_URL or --database-url" in done.stderr
 
 
@@ -543,3 +555,105 @@ def test_runs_filters_and_limits(cli, tickets, write_workflow) -> None:
     assert "failed" in table and "succeeded" in table
     missing = cli("runs", "show", "99")
     assert missing.exit_code == 1 and "error: no run with id 99" in missing.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_signal_ends_the_run_interrupted_with_every_item_recorded(
+    signum: signal.Signals, workflow_dir: Path, history_url: str, write_workflow, httpserver
+) -> None:
+    arrived, release = threading.Event(), threading.Event()
+
+    def hold(request: Request) -> Response:
+        arrived.set()
+        release.wait(30)  # the receiver is slow: the run is stopped meanwhile
+        return Response("ok")
+
+    httpserver.expect_request("/hook", method="POST").respond_with_handler(hold)
+    write_jsonl(workflow_dir / "items.jsonl", [{"id": i} for i in range(5)])
+    flow = write_workflow(
+        f"""
+        steps:
+          - id: read
+            uses: file.fetch
+            with: {{path: items.jsonl}}
+            key: "{{{{ item.id }}}}"
+          - id: post
+            uses: webhook.deliver
+            concurrency: 1
+            with: {{url: "{httpserver.url_for("/hook")}"}}
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "automator.cli.main", "run", str(flow)],
+        env={**os.environ, "AUTOMATOR_DATABASE_URL": history_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert arrived.wait(30), "the run never reached the receiver"
+        process.send_signal(signum)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        release.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert f"interrupted by {signum.name}: the run is recorded as interrupted; see: automator runs show 1" in err
+    with sqlite3.connect(history_url.removeprefix("sqlite:///")) as db:
+        assert db.execute("select status, fetched, failed from runs").fetchall() == [("interrupted", 5, 5)]
+        outcomes = db.execute("select outcome, reason from items order by seq").fetchall()
+        steps = db.execute("select step_id, status from step_attempts order by id").fetchall()
+    assert outcomes == [("failed", "not processed: the run was interrupted")] * 5
+    assert steps == [("read", "succeeded"), ("post", "interrupted")]  # no step left running either
+
+
+def test_runs_filters_refuse_what_no_run_can_match(cli, tickets, write_workflow) -> None:
+    cli("run", write_workflow("name: ok\nsteps:\n  - {id: read, uses: file.fetch, with: {path: tickets.jsonl}}\n"))
+    unknown = cli("runs", "--status", "nosuch")
+    assert unknown.exit_code == 2
+    assert "'nosuch' is not one of 'running', 'succeeded', 'failed', 'timed_out', 'interrupted'" in unknown.stderr
+    for limit in ("0", "-1"):
+        bad = cli("runs", "--limit", limit)
+        assert bad.exit_code == 2 and "is not in the range 1<=x<=10000" in bad.stderr
+    # a filter that matches nothing says so (not "no runs recorded yet")
+    assert cli("runs", "--status", "crashed").stdout.strip() == "No runs with status crashed."
+    assert cli("runs", "--workflow", "other").stdout.strip() == "No runs of workflow 'other'."
+
+
+def test_runs_show_lists_problem_items_in_order_and_items_lists_all(cli, workflow_dir: Path, write_workflow) -> None:
+    write_jsonl(workflow_dir / "many.jsonl", [{"id": i, "n": i % 3} for i in range(120)])
+    path = write_workflow(
+        """
+        steps:
+          - id: read
+            uses: file.fetch
+            with: {path: many.jsonl}
+          - id: check
+            uses: schema.validate
+            concurrency: 8
+            with:
+              schema: {properties: {n: {maximum: 0}}}
+              on_invalid: quarantine
+        """
+    )
+    run = cli("run", path, "--json").json()
+    assert run["items"]["quarantined"] == 80
+    quarantined = [i for i in range(120) if i % 3]
+
+    shown = cli("runs", "show", str(run["id"])).stdout
+    listed = [int(line.split()[0][1:]) for line in shown.splitlines() if line.startswith("  #")]
+    assert listed == quarantined[:50]  # in ledger order
+    assert (
+        f"showing the first 50 of 80 quarantined items; all of them: automator runs show {run['id']} --items" in shown
+    )
+
+    every = cli("runs", "show", str(run["id"]), "--items").stdout
+    listed = [int(line.split()[0][1:]) for line in every.splitlines() if line.startswith("  #")]
+    assert listed == list(range(120))  # --items means all of them
+    assert "showing the first" not in every and "more" not in every
+
+    as_json = cli("runs", "show", str(run["id"]), "--json").json()
+    assert [i["seq"] for i in as_json["quarantined"]] == quarantined
