@@ -39,6 +39,7 @@ from automator.plugins.steps import (
     Phase,
     Step,
     StepConfig,
+    Templated,
     TransformStep,
     ValidateStep,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "StepFinished",
     "StepStarted",
     "TemplateRenderError",
+    "Templated",
     "TransformStep",
     "ValidateStep",
     "Workflow",

@@ -1,7 +1,11 @@
 """pytest fixtures for plugin authors: run a workflow for real and inspect what happened.
 
 Installed with automator as a pytest plugin (entry point ``pytest11``), so a plugin's
-test suite gets these fixtures without any conftest.py:
+test suite gets these fixtures without any conftest.py. They need pytest; install
+``automator[testing]`` (pytest and pytest-httpserver, the loopback HTTP server the
+guide's examples use). What each returns is documented in docs/plugins.md ("Testing a
+plugin"): ``WorkflowRun`` and the history records it holds (``Run``, ``StepAttempt``,
+``LedgerItem``), and ``CliResult``.
 
 ``automator_runner``
     Runs workflows against a fresh SQLite history database in the test's temporary
@@ -28,7 +32,9 @@ test suite gets these fixtures without any conftest.py:
 
 ``automator_cli``
     Runs ``automator ARGS...`` in-process against the same database, as the console
-    script would; returns exit code, stdout and stderr.
+    script would (``sys.exit(n)`` in a command gives exit code ``n``); ``plugins=`` loads
+    plugins that are not installed and ``env=`` sets environment variables, both for that
+    one call. Returns a :class:`CliResult`: exit code, stdout and stderr.
 
 Two step types exist only in these runs, to surround the step under test:
 ``test.fetch`` (``with: {items: [...]}``: these items, as given) and ``test.deliver``
@@ -43,7 +49,7 @@ import copy
 import json
 import textwrap
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -335,11 +341,14 @@ def _recorder_step_types(recorder: _Recorder) -> list[type]:
 
 @dataclass
 class CliResult:
-    exit_code: int
+    """What ``automator_cli`` returns: how the command line exited and what it printed."""
+
+    exit_code: int  # 0 succeeded, 1 failed, 2 invalid workflow file (``run``), 130 interrupted
     stdout: str
     stderr: str
 
     def json(self) -> Any:
+        """``stdout`` parsed as JSON (for ``--json`` commands)."""
         return json.loads(self.stdout)
 
 
@@ -365,31 +374,24 @@ def automator_runner(tmp_path: Path, automator_history_url: str) -> Iterator[Wor
 @pytest.fixture
 def automator_cli(
     automator_history_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Any:
+) -> Callable[..., CliResult]:
     """``automator_cli("runs", "--json")``: the command line in-process, on the test's history.
 
-    ``automator_cli(..., plugins=[module])`` adds the commands of plugins that are not
-    installed (the register_commands hook) for that one call.
+    ``automator_cli(..., plugins=[module])`` loads plugins that are not installed (their
+    step types, and their commands through register_commands) for that one call;
+    ``env={"NAME": "value"}`` sets environment variables for that one call. The exit
+    code is what the console script would exit with, ``sys.exit(n)`` in a command too.
     """
-    from automator.cli.main import cli, main
-    from automator.plugins.manager import PluginInfo, Plugins
+    from automator.cli.main import main
 
     monkeypatch.setenv("AUTOMATOR_DATABASE_URL", automator_history_url)
 
-    def invoke(*args: str | Path, plugins: Sequence[object] = ()) -> CliResult:
-        commands = dict(cli.commands)
-        if plugins:
-            extra = Plugins()
-            for plugin in plugins:
-                name = _plugin_name(plugin, taken=extra.infos)
-                extra.add(plugin, PluginInfo(name=name, source="test"))
-            extra.register_commands(cli)
+    def invoke(*args: str | Path, plugins: Sequence[object] = (), env: Mapping[str, str] | None = None) -> CliResult:
         capsys.readouterr()
-        try:
-            code = main([str(arg) for arg in args])
-        finally:
-            cli.commands.clear()
-            cli.commands.update(commands)
+        with monkeypatch.context() as scoped:
+            for name, value in (env or {}).items():
+                scoped.setenv(name, value)
+            code = main([str(arg) for arg in args], plugins=plugins)
         out, err = capsys.readouterr()
         return CliResult(code, out, err)
 

@@ -6,9 +6,11 @@ may accept fewer arguments than the hook offers, never others: a misspelt argume
 is reported when the plugin loads, with the plugin's name.
 
 Unless a hook says "first result wins", every implementation is called (the most
-recently registered first) and their results are collected. Core code never calls
-these through ``pm.hook`` directly; :class:`automator.plugins.manager.Plugins` is the
-typed facade, and it keeps one broken plugin from breaking a run or the command line.
+recently registered first) and their results are collected. Core code calls them
+through :class:`automator.plugins.manager.Plugins`, a typed facade that calls
+``pm.hook`` (so pluggy's ordering, ``firstresult`` and tracing apply) and keeps one
+broken plugin from breaking a run or the command line. Plugins' hook wrappers are not
+supported.
 
 docs/plugins.md documents each hook for plugin authors; a test fails when a hook here
 is missing from it or is implemented by no test.
@@ -88,7 +90,9 @@ def register_template_globals(register: Callable[[str, Any], None]) -> None:
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``automator`` command line.
 
-    Called each time the command line starts, before it parses its arguments.
+    Called each time the command line starts, before it parses its arguments, with a
+    group built for that call: the commands last as long as the call. The plugins are
+    those of ``--plugins-dir``, else of ``plugins/`` beside ``./workflows``.
 
     :param cli: the top-level click group; call ``cli.add_command(my_command)``. Give
         the command a name unlikely to clash with later built-in ones (prefix it with
@@ -165,6 +169,7 @@ def run_started(event: RunStarted) -> None:
     Called once per run, after the run is recorded in the history and before its
     first step. ``event.run`` (a ``RunInfo``) has the run's id, workflow, trigger
     (cli, schedule, catch_up, ...), start time, workflow version and scheduled time.
+    A run resumed after its process died is heard again, with ``event.run.resumed``.
     """
 
 

@@ -1,15 +1,30 @@
 """Finding, loading and calling plugins: a typed facade over pluggy.
 
 Core code calls ``plugins.run_started(event)`` and friends, never ``pm.hook.x``
-untyped. One broken plugin never breaks the others:
+untyped. The facade calls every hook through ``pm.hook`` (or, for the registration
+hooks, pluggy's ``subset_hook_caller`` narrowed to the plugin being loaded), so pluggy
+orders the implementations, honours ``firstresult``, and its tracing
+(``pm.enable_tracing()``, ``pm.add_hookcall_monitoring()``) sees every call.
+
+One broken plugin never breaks the others:
 
 - a plugin that fails to import, register or declare itself is recorded in
   ``failures`` (shown by ``automator plugins``) and skipped;
-- a lifecycle listener that raises is logged with its plugin's name and the run goes on;
-- a ``workflow_loaded`` policy that raises becomes a problem of the workflow file.
+- a lifecycle listener that raises is logged with its plugin's name and the other
+  listeners still hear the event; the run goes on;
+- a ``workflow_loaded`` policy that raises becomes a problem of the workflow file,
+  naming the plugin; a ``get_secret`` provider that raises fails the step, naming it;
+- a ``register_commands`` implementation that raises is recorded as that plugin's
+  failure and the command line still starts.
 
-That is why the facade calls each hook implementation itself (in pluggy's order) for
-the hooks where one plugin's failure must be told apart from another's.
+Why not a hook wrapper: pluggy runs a hook's implementations in one loop and the first
+exception ends that loop, so a wrapper (old- or new-style) around the call sees the
+error only after the remaining listeners were skipped. Isolation has to sit around
+each implementation instead: when a plugin registers, :meth:`Plugins.add` replaces the
+``function`` of each of its ``HookImpl`` records with a guard that knows the plugin's
+name (``_guard``). pluggy still does the calling; the guard only turns a failure into
+that plugin's own log line, problem, or error. Plugins' own hook wrappers are refused
+(a guard cannot wrap a generator, and the hooks here have nothing to wrap).
 """
 
 from __future__ import annotations
@@ -90,7 +105,11 @@ class PluginInfo:
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The ``automator plugins --json`` shape: {name, version, source, hooks, steps, error?}."""
+        """The ``automator plugins --json`` shape.
+
+        {name, version, source, location, hooks, steps: [{name, phase, description}],
+        template_filters, template_globals, error (only for a plugin that failed to load)}.
+        """
         data: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
@@ -131,6 +150,8 @@ class Plugins:
         self.step_plugin: dict[str, str] = {}
         self.filter_plugin: dict[str, str] = {}
         self.global_plugin: dict[str, str] = {}
+        # templates belong to this set of plugins: their filters and globals, and no others
+        self.templates = templates.Templates()
         self._only = _names_from_env("AUTOMATOR_PLUGINS")
         self._disabled = _names_from_env("AUTOMATOR_DISABLE_PLUGINS") or set()
 
@@ -182,6 +203,7 @@ class Plugins:
             )
             return False
         info.hooks = sorted(hc.name for hc in callers)
+        self._guard(plugin, info.name)
         try:
             self._register_things(plugin, info)
         except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
@@ -194,8 +216,21 @@ class Plugins:
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
 
-    def _impls_of(self, hook_name: str, plugin: object) -> list[pluggy.HookImpl]:
-        return [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
+    def _hook_of(self, hook_name: str, plugin: object) -> pluggy.HookCaller:
+        """The hook narrowed to one plugin: what it registers is traced back to it."""
+        others = [other for other in self.pm.get_plugins() if other is not plugin]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+
+    def _guard(self, plugin: object, name: str) -> None:
+        """Make each of the plugin's hook implementations fail on its own (see the module docstring)."""
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            guard = _GUARDS.get(caller.name)
+            if guard is None:
+                continue  # registration hooks: a failure there refuses the whole plugin
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin:
+                    # typed Final by pluggy; replacing it is how each implementation is isolated
+                    impl.function = guard(self, name, caller.name, impl.function)  # type: ignore[misc]
 
     def _register_things(self, plugin: object, info: PluginInfo) -> None:
         """Call the plugin's register_* hooks; all checks pass before anything is kept."""
@@ -223,8 +258,7 @@ class Plugins:
                 raise PluginError(f"template global {name!r} is already registered by plugin {owner!r}")
             globals_[name] = value
 
-        for impl in self._impls_of("register_step_types", plugin):
-            self._call(impl, register=steps.append)
+        self._hook_of("register_step_types", plugin)(register=steps.append)
         seen: set[str] = set()
         for step_type in steps:
             _check_step_type(step_type)
@@ -232,10 +266,8 @@ class Plugins:
                 owner = self.step_plugin.get(step_type.name, info.name)
                 raise PluginError(f"step type {step_type.name!r} is already registered by plugin {owner!r}")
             seen.add(step_type.name)
-        for impl in self._impls_of("register_template_filters", plugin):
-            self._call(impl, register=add_filter)
-        for impl in self._impls_of("register_template_globals", plugin):
-            self._call(impl, register=add_global)
+        self._hook_of("register_template_filters", plugin)(register=add_filter)
+        self._hook_of("register_template_globals", plugin)(register=add_global)
 
         for step_type in steps:
             self.step_types[step_type.name] = step_type
@@ -245,11 +277,10 @@ class Plugins:
         info.steps = steps
         info.template_filters = sorted(filters)
         info.template_globals = sorted(globals_)
-        # Jinja's environment is shared by every template of the process
         if filters:
-            templates.add_filters(filters)
+            self.templates.add_filters(filters)
         if globals_:
-            templates.add_globals(globals_)
+            self.templates.add_globals(globals_)
 
     def load_module(self, module_name: str, source: str, version: str | None) -> None:
         info = PluginInfo(name=module_name, source=source, version=version, location=module_name)
@@ -322,78 +353,128 @@ class Plugins:
 
     # -- typed hook calls -------------------------------------------------------------
 
-    def _calls(self, hook_name: str) -> list[pluggy.HookImpl]:
-        # pluggy calls the most recently registered (and tryfirst) implementations first
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
-
-    @staticmethod
-    def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
-        return impl.function(*(kwargs[name] for name in impl.argnames))
-
     def workflow_loaded(self, workflow: Workflow) -> list[tuple[YamlPath, str]]:
         """Every policy's problems with ``workflow``, each with where it is in the file."""
         problems: list[tuple[YamlPath, str]] = []
-        for impl in self._calls("workflow_loaded"):
-            try:
-                result = self._call(impl, workflow=workflow)
-            except Exception as exc:  # noqa: BLE001 - a failing policy is the file's problem, named
-                problems.append(((), f"plugin {impl.plugin_name} failed while checking the workflow: {_describe(exc)}"))
-                continue
-            for problem in result or []:
-                problems.append(_locate(workflow, problem, impl.plugin_name))
+        answers: list[_PolicyAnswer] = self.pm.hook.workflow_loaded(workflow=workflow)
+        for answer in answers:
+            if answer.failure is not None:
+                problems.append(((), f"plugin {answer.plugin} failed while checking the workflow: {answer.failure}"))
+            for problem in answer.problems:
+                problems.append(_locate(workflow, problem, answer.plugin))
         return problems
 
     def get_secret(self, name: str) -> str | None:
-        """The first secrets plugin's answer for ``name``, or None."""
-        for impl in self._calls("get_secret"):
-            try:
-                value = self._call(impl, name=name)
-            except Exception as exc:  # noqa: BLE001 - reported as a (retryable) step failure, named
-                # the plugin's own message could quote the secret: only its type is shown
-                raise StepError(
-                    f"secrets plugin {impl.plugin_name} failed to provide {name!r} ({type(exc).__name__})"
-                ) from None
-            if value is not None:
-                return str(value)
-        return None
+        """The first secrets plugin's answer for ``name``, or None (``firstresult``)."""
+        try:
+            value = self.pm.hook.get_secret(name=name)
+        except _ProviderFailed as failed:
+            # the plugin's own message could quote the secret: only its type is shown
+            raise StepError(f"secrets plugin {failed.plugin} failed to provide {name!r} ({failed.kind})") from None
+        return None if value is None else str(value)
 
     def register_commands(self, cli: click.Group) -> None:
         """Let plugins add commands; a plugin that fails here is recorded, the others still run."""
-        for impl in self._calls("register_commands"):
-            try:
-                self._call(impl, cli=cli)
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the CLI
-                message = f"register_commands failed: {_describe(exc)}"
-                info = self.infos.get(impl.plugin_name)
-                if info is not None:
-                    info.error = message
-                log.warning("plugin %s: %s", impl.plugin_name, message)
+        self.pm.hook.register_commands(cli=cli)
 
-    def _notify(self, hook_name: str, event: object) -> None:
-        for impl in self._calls(hook_name):
-            try:
-                self._call(impl, event=event)
-            except Exception as exc:  # noqa: BLE001 - an observer never changes a run's outcome
-                log.warning("plugin %s: %s listener failed: %s", impl.plugin_name, hook_name, _describe(exc))
+    def _command_failed(self, plugin: str, exc: Exception) -> None:
+        message = f"register_commands failed: {_describe(exc)}"
+        info = self.infos.get(plugin)
+        if info is not None:
+            info.error = message
+        log.warning("plugin %s: %s", plugin, message)
 
     def run_started(self, event: RunStarted) -> None:
-        self._notify("run_started", event)
+        self.pm.hook.run_started(event=event)
 
     def run_finished(self, event: RunFinished) -> None:
-        self._notify("run_finished", event)
+        self.pm.hook.run_finished(event=event)
 
     def step_started(self, event: StepStarted) -> None:
-        self._notify("step_started", event)
+        self.pm.hook.step_started(event=event)
 
     def step_finished(self, event: StepFinished) -> None:
-        self._notify("step_finished", event)
+        self.pm.hook.step_finished(event=event)
 
     @property
     def wants_item_events(self) -> bool:
         return bool(self.pm.hook.item_outcome.get_hookimpls())
 
     def item_outcome(self, event: ItemOutcome) -> None:
-        self._notify("item_outcome", event)
+        self.pm.hook.item_outcome(event=event)
+
+
+# -- the guards around each plugin's hook implementations --------------------------------
+
+Implementation = Callable[..., Any]
+
+
+@dataclass
+class _PolicyAnswer:
+    """One ``workflow_loaded`` implementation's answer, tagged with its plugin (never None)."""
+
+    plugin: str
+    problems: list[str | Rejection] = field(default_factory=list)
+    failure: str | None = None
+
+
+def _guard_listener(plugins: Plugins, plugin: str, hook: str, function: Implementation) -> Implementation:
+    def listener(*args: Any) -> None:
+        try:
+            function(*args)
+        except Exception as exc:  # noqa: BLE001 - an observer never changes a run's outcome
+            log.warning("plugin %s: %s listener failed: %s", plugin, hook, _describe(exc))
+
+    return listener
+
+
+def _guard_policy(plugins: Plugins, plugin: str, hook: str, function: Implementation) -> Implementation:
+    def policy(*args: Any) -> _PolicyAnswer:
+        try:
+            result = function(*args)
+        except Exception as exc:  # noqa: BLE001 - a failing policy is the file's problem, named
+            return _PolicyAnswer(plugin, failure=_describe(exc))
+        return _PolicyAnswer(plugin, problems=list(result or []))
+
+    return policy
+
+
+class _ProviderFailed(Exception):  # noqa: N818 - internal, becomes a StepError naming the secret
+    def __init__(self, plugin: str, kind: str) -> None:
+        super().__init__(plugin, kind)
+        self.plugin, self.kind = plugin, kind
+
+
+def _guard_secrets(plugins: Plugins, plugin: str, hook: str, function: Implementation) -> Implementation:
+    def provider(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except Exception as exc:  # noqa: BLE001 - reported as a (retryable) step failure, named
+            raise _ProviderFailed(plugin, type(exc).__name__) from None
+
+    return provider
+
+
+def _guard_commands(plugins: Plugins, plugin: str, hook: str, function: Implementation) -> Implementation:
+    def commands(*args: Any) -> None:
+        try:
+            function(*args)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the CLI
+            plugins._command_failed(plugin, exc)
+
+    return commands
+
+
+_GUARDS: dict[str, Callable[[Plugins, str, str, Implementation], Implementation]] = {
+    "run_started": _guard_listener,
+    "run_finished": _guard_listener,
+    "step_started": _guard_listener,
+    "step_finished": _guard_listener,
+    "item_outcome": _guard_listener,
+    "workflow_loaded": _guard_policy,
+    "get_secret": _guard_secrets,
+    "register_commands": _guard_commands,
+}
 
 
 def _is_wrapper(impl: pluggy.HookImpl) -> bool:
@@ -462,7 +543,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def load_plugins(plugins_dir: Path | None = None, *, extra: Iterable[tuple[object, str]] = ()) -> Plugins:
-    """Load built-ins, entry points and a plugins directory, in that order."""
+    """Load built-ins, entry points and a plugins directory, in that order; ``extra`` (object, name) last."""
     plugins = Plugins()
     plugins.load_builtins()
     plugins.load_entry_points()
@@ -470,6 +551,5 @@ def load_plugins(plugins_dir: Path | None = None, *, extra: Iterable[tuple[objec
         plugins.load_directory(plugins_dir)
     for plugin, name in extra:
         plugins.add(plugin, PluginInfo(name=name, source="test"))
-    for failure in plugins.failures:
-        log.warning("plugin %s failed to load and is skipped: %s", failure.name, failure.error)
+    # failures are in plugins.failures: each command reports them once, in its own format
     return plugins

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -35,11 +34,6 @@ class WebhookDeliver(DeliverStep[WebhookDeliverConfig]):
         self._sent = 0
         self._host: str | None = None
 
-    def idempotency_key(self, item: Item) -> str:
-        identity = item.key if item.key is not None else f"run-{self.context.run_id}-item-{item.seq}"
-        raw = f"{self.context.workflow.name}\0{self.step_id}\0{identity}"
-        return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
     async def deliver(self, item: Item) -> None:
         cfg = self.config
         if self._client is None:
@@ -51,7 +45,7 @@ class WebhookDeliver(DeliverStep[WebhookDeliverConfig]):
         body = item.data if cfg.body is None else self.render(cfg.body, item)
         try:
             response = await self._client.request(cfg.method, url, json=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc, cfg.method, url, cfg.timeout.total_seconds()) from None
         raise_for_status(response, cfg.method, url)
         self._sent += 1

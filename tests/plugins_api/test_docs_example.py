@@ -37,7 +37,7 @@ def acme_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any
 def test_the_guides_plugin_runs_the_guides_workflow(
     acme_status: Any, automator_runner: WorkflowRunner, httpserver: HTTPServer
 ) -> None:
-    httpserver.expect_request("/incidents.json").respond_with_json(
+    httpserver.expect_request("/incidents.json", query_string={"token": "st4tus-token"}).respond_with_json(
         {
             "incidents": [
                 {"id": 7, "title": "Checkout errors", "severity": "major", "status": "investigating"},
@@ -47,22 +47,26 @@ def test_the_guides_plugin_runs_the_guides_workflow(
     )
     posted: list[Any] = []
 
+    keys: list[str] = []
+
     def room(request: Request) -> Response:
         posted.append(request.get_json())
+        keys.append(request.headers["Idempotency-Key"])
         return Response("ok")
 
     httpserver.expect_request("/room", method="POST").respond_with_handler(room)
-    workflow = code_blocks("yaml")[0].replace(
-        "https://status.example.com/incidents.json", httpserver.url_for("/incidents.json")
-    )
+    workflow = code_blocks("yaml")[0].replace("https://status.example.com", httpserver.url_for("").rstrip("/"))
+    assert "token={{ secrets.STATUS_TOKEN }}" in workflow
 
-    result = automator_runner.run(
-        workflow, plugins=[acme_status], secrets={"ROOM_WEBHOOK": httpserver.url_for("/room")}
-    )
-    again = automator_runner.run(workflow, plugins=[acme_status], secrets={"ROOM_WEBHOOK": httpserver.url_for("/room")})
+    # the guide's fetch renders its URL's template (no item: params, secrets, run)
+    secrets = {"ROOM_WEBHOOK": httpserver.url_for("/room"), "STATUS_TOKEN": "st4tus-token"}
+
+    result = automator_runner.run(workflow, plugins=[acme_status], secrets=secrets)
+    again = automator_runner.run(workflow, plugins=[acme_status], secrets=secrets)
 
     assert result.status == "succeeded", result.error
     assert posted == [{"text": "[major] Checkout errors"}]
+    assert len(keys) == 1 and len(keys[0]) == 32  # the idempotency key the built-ins send
     assert again.outcomes["skipped"] == 1  # the key keeps it from being posted twice
     assert result.plugins.infos["acme_status"].steps[0].name == "acme.incidents"
 

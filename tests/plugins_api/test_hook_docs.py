@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
 
 import pytest
 
+from automator import (
+    DeliverStep,
+    ItemOutcome,
+    Rejection,
+    RunFinished,
+    RunInfo,
+    RunStarted,
+    Step,
+    StepFinished,
+    StepStarted,
+    TransformStep,
+)
 from automator.plugins import hookspecs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +68,27 @@ def test_hook_is_implemented_by_some_test(hook: str) -> None:
         if path != Path(__file__) and pattern.search(path.read_text(encoding="utf-8"))
     ]
     assert implemented_in, f"no test under tests/ implements the hook {hook!r}: add one"
+
+
+EVENT_TYPES = [RunInfo, RunStarted, RunFinished, StepStarted, StepFinished, ItemOutcome, Rejection]
+
+
+@pytest.mark.parametrize("event", EVENT_TYPES, ids=lambda e: e.__name__)
+def test_every_field_of_an_event_is_documented(event: type) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("## Hook reference") :]
+    missing = [f.name for f in dataclasses.fields(event) if not re.search(rf"\b{f.name}\b", section)]
+    assert not missing, f"docs/plugins.md (hook reference) does not name {event.__name__}'s fields {missing}"
+
+
+def test_every_public_helper_of_a_step_is_documented() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    helpers = {
+        name
+        for base in (Step, DeliverStep, TransformStep)
+        for name, value in vars(base).items()
+        if not name.startswith("_") and (callable(value) or isinstance(value, property))
+    }
+    helpers -= {"fetch", "transform", "validate", "deliver"}  # the phase methods have their own table
+    missing = sorted(h for h in helpers if not re.search(rf"`[^`]*\b{h}\b[^`]*`", text))
+    assert not missing, f"docs/plugins.md does not mention the step helpers {missing}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,6 @@ import click
 import pytest
 
 from automator import Workflow, WorkflowFileError, hookimpl
-from automator.cli.main import cli as automator_cli_group
 from automator.plugins.manager import load_plugins
 from automator.spec.schema import workflow_json_schema
 from automator.testing import WorkflowRunner
@@ -132,20 +131,10 @@ def test_a_crashing_policy_is_a_problem_of_the_file_naming_the_plugin(automator_
 # --- register_commands --------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_cli_commands() -> Iterator[None]:
-    """Commands a plugin adds to the (process-wide) click group are removed afterwards."""
-    before = dict(automator_cli_group.commands)
-    yield
-    automator_cli_group.commands.clear()
-    automator_cli_group.commands.update(before)
-
-
 def test_plugin_command_from_the_plugins_directory(
     cli: Callable[..., Any],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    restore_cli_commands: None,
 ) -> None:
     name = unique("acme-hello").replace("_", "-")
     (tmp_path / "plugins").mkdir()
@@ -181,7 +170,7 @@ def register_commands(cli):
 
 
 def test_plugin_command_from_plugins_dir_option(
-    cli: Callable[..., Any], plugins_dir: Path, write_plugin: Callable[[str, str], Path], restore_cli_commands: None
+    cli: Callable[..., Any], plugins_dir: Path, write_plugin: Callable[[str, str], Path]
 ) -> None:
     name = unique("acme-version").replace("_", "-")
     write_plugin(
@@ -224,6 +213,7 @@ def test_a_plugin_failing_to_add_commands_does_not_stop_the_cli(
     (tmp_path / "plugins" / "bad_cli.py").write_text(
         "from automator import hookimpl\n\n@hookimpl\ndef register_commands(cli):\n    raise RuntimeError('boom')\n"
     )
+    (tmp_path / "workflows").mkdir()
     monkeypatch.chdir(tmp_path)
 
     result = cli("runs", "--json")

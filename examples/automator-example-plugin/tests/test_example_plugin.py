@@ -75,7 +75,7 @@ def test_posts_each_feed_item_to_the_chat(
         "First post https://example.org/1",
         "Third post https://example.org/3",
     ]
-    assert all(str(message["key"]).startswith(f"{result.run.id}-") for message in chat)
+    assert len({message["key"] for message in chat}) == 3  # one idempotency key per item
     # the webhook URL came from a secret: it is in no step's record
     assert httpserver.url_for("/chat") not in json.dumps([s.error for s in result.steps])
 
@@ -91,6 +91,37 @@ def test_second_run_posts_only_new_items(
 
     assert again.outcomes["skipped"] == 3
     assert len(chat) == 3
+
+
+def test_every_run_sends_an_item_with_the_same_idempotency_key(
+    automator_runner: WorkflowRunner, httpserver: HTTPServer, chat: list[dict[str, object]]
+) -> None:
+    httpserver.expect_request("/feed.json").respond_with_json(FEED)
+    secrets = {"CHAT_WEBHOOK": httpserver.url_for("/chat")}
+    # only_new: false posts every item again, as a retried or resumed run would
+    again = workflow(httpserver).replace('key: "{{ item.id }}"', 'key: "{{ item.id }}"\n    only_new: false')
+
+    first = automator_runner.run(again, plugins=[automator_example], secrets=secrets)
+    second = automator_runner.run(again, plugins=[automator_example], secrets=secrets)
+
+    assert first.run.id != second.run.id and len(chat) == 6
+    keys = {}
+    for message in chat:
+        keys.setdefault(message["body"]["text"], set()).add(message["key"])  # type: ignore[index]
+    assert all(len(sent) == 1 for sent in keys.values()), keys
+
+
+def test_the_limit_may_come_from_a_parameter(
+    automator_runner: WorkflowRunner, httpserver: HTTPServer, chat: list[dict[str, object]]
+) -> None:
+    httpserver.expect_request("/feed.json").respond_with_json(FEED)
+    text = "params: {limit: 2}\n" + workflow(httpserver).replace("limit: 50", 'limit: "{{ params.limit }}"')
+
+    result = automator_runner.run(
+        text, plugins=[automator_example], secrets={"CHAT_WEBHOOK": httpserver.url_for("/chat")}
+    )
+
+    assert [item.key for item in result.items] == ["1", "2"]
 
 
 def test_limit_keeps_the_newest_items(

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from pydantic import Field, HttpUrl
 
-from automator import DeliverStep, FetchStep, Item, StepConfig, StepError, hookimpl
+from automator import DeliverStep, FetchStep, Item, StepConfig, StepError, Templated, hookimpl
 
 __version__ = "0.1.0"
 
@@ -28,7 +28,8 @@ SECRETS_FILE_VARIABLE = "AUTOMATOR_EXAMPLE_SECRETS_FILE"
 
 class JsonFeedConfig(StepConfig):
     url: HttpUrl = Field(description="The JSON Feed (https://jsonfeed.org) to read.")
-    limit: int = Field(50, ge=1, le=1000, description="Read at most this many of the newest items.")
+    # Templated: a number, or a template such as "{{ params.limit }}" rendered before fetch() runs
+    limit: Templated[int] = Field(50, ge=1, le=1000, description="Read at most this many of the newest items.")
     timeout: float = Field(10.0, gt=0, description="Seconds to wait for the server.")
 
 
@@ -67,8 +68,9 @@ class Chat(DeliverStep[ChatConfig]):
     def deliver(self, item: Item) -> None:
         url = self.render_text(self.config.url, item)
         text = self.render_text(self.config.text, item)
-        # the idempotency key lets the chat drop a message a retried run sends again
-        headers = {"Idempotency-Key": f"{self.context.run_id}-{item.key or item.seq}"}
+        # the key automator's own deliverers send: the same for this item in every attempt and
+        # run, so the chat can drop a message that a retried or resumed run sends again
+        headers = {"Idempotency-Key": self.idempotency_key(item)}
         try:
             response = httpx.post(url, json={"text": text}, headers=headers, timeout=10.0)
         except httpx.TransportError as exc:
