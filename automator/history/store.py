@@ -86,6 +86,17 @@ class OutcomeRow:
     result: Any = None
 
 
+def _usage_sums() -> tuple[Any, ...]:
+    """Calls, tokens in / cached / out and cost of a group of model calls."""
+    return (
+        func.count(),
+        func.coalesce(func.sum(ModelCall.input_tokens), 0),
+        func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
+        func.coalesce(func.sum(ModelCall.output_tokens), 0),
+        func.coalesce(func.sum(ModelCall.cost_usd), 0),
+    )
+
+
 class History:
     """The run history database (SQLite by default, any SQLAlchemy URL)."""
 
@@ -452,11 +463,7 @@ class History:
             select(
                 attempt,
                 ModelCall.step_id,
-                func.count(),
-                func.coalesce(func.sum(ModelCall.input_tokens), 0),
-                func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
-                func.coalesce(func.sum(ModelCall.output_tokens), 0),
-                func.coalesce(func.sum(ModelCall.cost_usd), 0),
+                *_usage_sums(),
             )
             .where(ModelCall.run_id == run_id, ModelCall.status != "cached")
             .group_by(attempt, ModelCall.step_id)
@@ -487,11 +494,7 @@ class History:
         query = (
             select(
                 ModelCall.step_id,
-                func.count(),
-                func.coalesce(func.sum(ModelCall.input_tokens), 0),
-                func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
-                func.coalesce(func.sum(ModelCall.output_tokens), 0),
-                func.coalesce(func.sum(ModelCall.cost_usd), 0),
+                *_usage_sums(),
             )
             .where(ModelCall.run_id == run_id, ModelCall.status != "cached")
             .group_by(ModelCall.step_id)
