@@ -292,7 +292,8 @@ def _templated_fields(config_type: type[StepConfig]) -> dict[str, TypeAdapter[An
     for name, info in config_type.model_fields.items():
         if _TEMPLATED in info.metadata:
             rest = [m for m in info.metadata if m is not _TEMPLATED]
-            fields[name] = TypeAdapter(Annotated[(info.annotation, *rest)] if rest else info.annotation)
+            annotation: Any = info.annotation  # typed loosely: pydantic's stubs differ between releases
+            fields[name] = TypeAdapter(Annotated[(annotation, *rest)] if rest else annotation)
     _TEMPLATED_FIELDS[config_type] = fields
     return fields
 
