@@ -11,7 +11,8 @@ import copy
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic.json_schema import GenerateJsonSchema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from automator.spec.durations import format_duration
 from automator.spec.models import WorkflowSpec
@@ -19,6 +20,7 @@ from automator.spec.models import WorkflowSpec
 if TYPE_CHECKING:
     from automator.plugins.manager import Plugins
 
+DECIMAL_TEXT_PATTERN = r"^[+-]?(\d+(\.\d*)?|\.\d+)$"
 SCHEMA_ID = "https://automator.dev/schemas/workflow.schema.json"
 
 
@@ -31,6 +33,15 @@ class WorkflowSchemaGenerator(GenerateJsonSchema):
 
     def encode_default(self, dft: Any) -> Any:
         return super().encode_default(_as_written(dft))
+
+    def decimal_schema(self, schema: core_schema.DecimalSchema) -> JsonSchemaValue:
+        # pydantic releases write a decimal's text form differently (2.14 dropped the
+        # pattern 2.13 wrote): the shipped schema must not depend on which one is installed
+        json_schema = super().decimal_schema(schema)
+        for branch in json_schema.get("anyOf", [json_schema]):
+            if branch.get("type") == "string":
+                branch["pattern"] = DECIMAL_TEXT_PATTERN
+        return json_schema
 
 
 def _as_written(value: Any) -> Any:
