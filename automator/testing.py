@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 import pytest
 
+from automator.history.states import FINAL_OUTCOMES
+
 if TYPE_CHECKING:
     from automator.engine.runner import RunResult
     from automator.history.models import LedgerItem, Run, StepAttempt
@@ -66,7 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CliResult", "WorkflowRun", "WorkflowRunner"]
 
-OUTCOMES = ("delivered", "skipped", "quarantined", "failed")
+OUTCOMES: tuple[str, ...] = tuple(outcome.value for outcome in FINAL_OUTCOMES)
 _RECORDER_NAME = "automator.testing"
 
 

@@ -8,16 +8,16 @@ from typing import Any
 
 import click
 from rich.table import Table
-from sqlalchemy import case, func, select
 
 from automator.cli.common import echo_json, settings, stdout
 from automator.errors import ConfigError
-from automator.history.models import ModelCall
+from automator.history.model_calls import COST_GROUPS
+from automator.history.protocols import ModelCallStore
 from automator.llm import records
 from automator.llm.pricing import COST_QUANTUM, usd
 from automator.spec.durations import parse_duration
 
-GROUPS = ("workflow", "day", "step")
+GROUPS = COST_GROUPS
 
 
 def _since(text: str) -> timedelta:
@@ -27,52 +27,27 @@ def _since(text: str) -> timedelta:
         raise ConfigError(f"--since {text!r}: {exc}") from None
 
 
-def cost_rows(history: Any, since: timedelta, by: str) -> list[dict[str, Any]]:
+def cost_rows(store: ModelCallStore, since: timedelta, by: str) -> list[dict[str, Any]]:
     """Spend since ``now - since``, grouped; cache hits are counted but cost nothing."""
-    if history.engine.dialect.name == "sqlite":
-        day_column = func.strftime("%Y-%m-%d", ModelCall.created_at)
-    else:
-        day_column = func.to_char(ModelCall.created_at, "YYYY-MM-DD")
-    groupings: dict[str, list[Any]] = {
-        "workflow": [ModelCall.workflow],
-        "day": [day_column],
-        "step": [ModelCall.workflow, ModelCall.step_id],
-    }
-    keys = groupings[by]
-    is_cached = ModelCall.status == "cached"
-    query = (
-        select(
-            *keys,
-            func.sum(case((is_cached, 0), else_=1)),
-            func.sum(case((is_cached, 1), else_=0)),
-            func.coalesce(func.sum(ModelCall.input_tokens), 0),
-            func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
-            func.coalesce(func.sum(ModelCall.output_tokens), 0),
-            func.coalesce(func.sum(ModelCall.cost_usd), 0),
-        )
-        .where(ModelCall.created_at >= records.since(since))
-        .group_by(*keys)
-        .order_by(*keys)
-    )
+    width = 2 if by == "step" else 1  # the group's columns, then the sums
     rows = []
-    with history._errors(), history.engine.connect() as conn:
-        for row in conn.execute(query):
-            group = list(row[: len(keys)])
-            calls, hits, inp, cached, out, cost = row[len(keys) :]
-            entry: dict[str, Any] = {}
-            if by == "step":
-                entry["workflow"], entry["step"] = group
-            else:
-                entry[by] = group[0]
-            entry.update(
-                calls=int(calls or 0),
-                cache_hits=int(hits or 0),
-                input_tokens=int(inp),
-                cached_input_tokens=int(cached),
-                output_tokens=int(out),
-                cost_usd=str(Decimal(str(cost)).quantize(COST_QUANTUM)),
-            )
-            rows.append(entry)
+    for row in store.cost_rows(records.since(since), by):
+        group = list(row[:width])
+        calls, hits, inp, cached, out, cost = row[width:]
+        entry: dict[str, Any] = {}
+        if by == "step":
+            entry["workflow"], entry["step"] = group
+        else:
+            entry[by] = group[0]
+        entry.update(
+            calls=int(calls or 0),
+            cache_hits=int(hits or 0),
+            input_tokens=int(inp),
+            cached_input_tokens=int(cached),
+            output_tokens=int(out),
+            cost_usd=str(Decimal(str(cost)).quantize(COST_QUANTUM)),
+        )
+        rows.append(entry)
     return rows
 
 
@@ -84,7 +59,7 @@ def cost_rows(history: Any, since: timedelta, by: str) -> list[dict[str, Any]]:
 def costs(ctx: click.Context, since_text: str, by: str, as_json: bool) -> None:
     """What model calls cost (tokens in, cached, out; USD), per workflow, day or step."""
     since = _since(since_text)
-    rows = cost_rows(settings(ctx).history(), since, by)
+    rows = cost_rows(settings(ctx).history().model_calls, since, by)
     if as_json:
         echo_json(rows)
         return

@@ -150,22 +150,23 @@ def trigger(ctx: click.Context, name: str, params: tuple[str, ...], timeout: tim
     """Start a run of workflow NAME now, in the running daemon (recorded with trigger `manual`)."""
     from automator.cli.main import _parse_params
     from automator.daemon.control import request_run
-    from automator.daemon.store import DaemonStore
+    from automator.history.daemon_store import DaemonStore
+    from automator.history.states import RequestStatus
 
     store = DaemonStore(settings(ctx).history())
     wait = timeout.total_seconds() if timeout else 10.0
     request = request_run(store, name, _parse_params(params), wait)
     if as_json:
         echo_json({"request": request.id, "status": request.status, "run_id": request.run_id, "error": request.error})
-    if request.status == "rejected":
+    if request.status == RequestStatus.REJECTED:
         raise ConfigError(f"the daemon refused to run {name}: {request.error}")
-    if request.status == "cancelled":
+    if request.status == RequestStatus.CANCELLED:
         raise AutomatorError(
             f"no running daemon picked up the request within {wait:g}s",
             hint="start `automator daemon` on the same history database (AUTOMATOR_DATABASE_URL)",
         )
     if not as_json:
-        if request.status == "started":
+        if request.status == RequestStatus.STARTED:
             stdout.print(f"run {request.run_id} of {name} started (trigger manual)", markup=False)
         else:
             stdout.print(f"request {request.id} accepted: {name} waits for a free run slot", markup=False)

@@ -8,46 +8,29 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import and_, select
 
 from automator.cli.common import settings, stderr
 from automator.errors import ConfigError
-from automator.history.models import LedgerItem, ModelCall
+from automator.history.protocols import ModelCallStore
 from automator.redaction import process_redactor
 
 MIN_EXAMPLES = 10  # OpenAI refuses smaller training files
 
 
-def finetune_examples(history: Any, workflow: str, step_id: str) -> list[dict[str, Any]]:
+def finetune_examples(store: ModelCallStore, workflow: str, step_id: str) -> list[dict[str, Any]]:
     """One {"messages": [...]} per delivered item whose prompt and validated answer were kept."""
-    query = (
-        select(ModelCall.prompt, ModelCall.response)
-        .join(
-            LedgerItem,
-            and_(LedgerItem.run_id == ModelCall.run_id, LedgerItem.seq == ModelCall.item_seq),
-        )
-        .where(
-            ModelCall.workflow == workflow,
-            ModelCall.step_id == step_id,
-            ModelCall.status == "ok",
-            ModelCall.prompt.is_not(None),
-            LedgerItem.outcome == "delivered",
-        )
-        .order_by(ModelCall.id)
-    )
     seen: set[str] = set()
     examples = []
-    with history._errors(), history.engine.connect() as conn:
-        for prompt, response in conn.execute(query):
-            if not isinstance(prompt, list) or response is None:
-                continue
-            # runs stored these redacted; a history written by an older version may not be:
-            # the file goes to a third party, so the secrets this process knows go again
-            example = process_redactor().data({"messages": [*prompt, {"role": "assistant", "content": response}]})
-            text = json.dumps(example, ensure_ascii=False, sort_keys=True)
-            if text not in seen:
-                seen.add(text)
-                examples.append(example)
+    for prompt, response in store.delivered_prompts(workflow, step_id):
+        if not isinstance(prompt, list) or response is None:
+            continue
+        # runs stored these redacted; a history written by an older version may not be:
+        # the file goes to a third party, so the secrets this process knows go again
+        example = process_redactor().data({"messages": [*prompt, {"role": "assistant", "content": response}]})
+        text = json.dumps(example, ensure_ascii=False, sort_keys=True)
+        if text not in seen:
+            seen.add(text)
+            examples.append(example)
     return examples
 
 
@@ -63,7 +46,7 @@ def export() -> None:
 @click.pass_context
 def finetune(ctx: click.Context, workflow: str, step_id: str, output: Path | None) -> None:
     """Chat fine-tuning JSONL ({"messages": [system, user, assistant]}) from delivered items."""
-    examples = finetune_examples(settings(ctx).history(), workflow, step_id)
+    examples = finetune_examples(settings(ctx).history().model_calls, workflow, step_id)
     if not examples:
         raise ConfigError(
             f"no delivered items with kept prompts for {workflow} / {step_id}",

@@ -12,20 +12,21 @@ from rich.table import Table
 
 from automator.cli.common import stdout
 from automator.history.models import LedgerItem, Run, StepAttempt
+from automator.history.states import Outcome, RunStatus
 from automator.history.store import OUTCOMES
 
 if TYPE_CHECKING:
     from automator.engine.runner import RunResult
     from automator.plugins.manager import PluginInfo
 
-STATUS_STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "timed_out": "red",
-    "crashed": "red",
-    "interrupted": "yellow",
-    "running": "cyan",
-    "skipped": "dim",
+STATUS_STYLE: dict[str, str] = {
+    RunStatus.SUCCEEDED: "green",
+    RunStatus.FAILED: "red",
+    RunStatus.TIMED_OUT: "red",
+    RunStatus.CRASHED: "red",
+    RunStatus.INTERRUPTED: "yellow",
+    RunStatus.RUNNING: "cyan",
+    RunStatus.SKIPPED: "dim",
 }
 PROGRESS_MIN_ITEMS = 200
 PROBLEMS_SHOWN = 50  # per outcome in `runs show` without --items
@@ -220,8 +221,8 @@ def run_detail_json(run: Run, items: Sequence[LedgerItem], usage: dict[int, dict
     data["params"] = run.params
     data["steps"] = [step_json(s, usage) for s in run.steps]
     items = sorted(items, key=lambda i: i.seq)
-    data["quarantined"] = [item_json(i) for i in items if i.outcome == "quarantined"]
-    data["failed"] = [item_json(i) for i in items if i.outcome == "failed"]
+    data["quarantined"] = [item_json(i) for i in items if i.outcome == Outcome.QUARANTINED]
+    data["failed"] = [item_json(i) for i in items if i.outcome == Outcome.FAILED]
     data["ledger"] = [item_json(i) for i in items]
     return data
 
@@ -265,7 +266,7 @@ def print_run_detail(
             _esc(note),
         )
     stdout.print(table)
-    for outcome in ("quarantined", "failed") if not all_items else ("all",):
+    for outcome in (Outcome.QUARANTINED, Outcome.FAILED) if not all_items else ("all",):
         # the ledger's order (item seq), whatever order the rows were read in
         chosen = sorted((i for i in items if outcome == "all" or i.outcome == outcome), key=lambda i: i.seq)
         if not chosen:

@@ -11,10 +11,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from automator.daemon.runs import Fire
-from automator.daemon.store import DaemonStore
 from automator.engine.runner import resolve_params
 from automator.errors import AutomatorError
 from automator.history.daemon_models import TriggerRequest
+from automator.history.protocols import SchedulerStore
+from automator.history.states import RequestStatus
 from automator.spec.loader import Workflow
 
 log = logging.getLogger("automator.daemon")
@@ -23,7 +24,7 @@ log = logging.getLogger("automator.daemon")
 UNKNOWN_AFTER = timedelta(seconds=5)
 
 
-def take_requests(store: DaemonStore, me: str, workflows: dict[str, Workflow]) -> list[Fire]:
+def take_requests(store: SchedulerStore, me: str, workflows: dict[str, Workflow]) -> list[Fire]:
     """Claim the pending requests this daemon can serve; reject the ones nobody can."""
     fires: list[Fire] = []
     for request in store.pending_requests():
@@ -32,7 +33,9 @@ def take_requests(store: DaemonStore, me: str, workflows: dict[str, Workflow]) -
             if datetime.now(UTC) - request.requested_at > UNKNOWN_AFTER and store.claim_request(request.id, me):
                 known = ", ".join(sorted(workflows)) or "none"
                 store.settle_request(
-                    request.id, status="rejected", error=f"no workflow named {request.workflow!r} (loaded: {known})"
+                    request.id,
+                    status=RequestStatus.REJECTED,
+                    error=f"no workflow named {request.workflow!r} (loaded: {known})",
                 )
             continue
         if not store.claim_request(request.id, me):
@@ -40,7 +43,7 @@ def take_requests(store: DaemonStore, me: str, workflows: dict[str, Workflow]) -
         try:
             params = resolve_params(workflow, request.params)
         except AutomatorError as exc:
-            store.settle_request(request.id, status="rejected", error=exc.message)
+            store.settle_request(request.id, status=RequestStatus.REJECTED, error=exc.message)
             continue
         log.info(
             "manual trigger of %s (request %s)",
@@ -52,13 +55,13 @@ def take_requests(store: DaemonStore, me: str, workflows: dict[str, Workflow]) -
     return fires
 
 
-def request_run(store: DaemonStore, workflow: str, params: dict[str, object], timeout: float) -> TriggerRequest:
+def request_run(store: SchedulerStore, workflow: str, params: dict[str, object], timeout: float) -> TriggerRequest:
     """Ask the running daemon for a run; wait until it starts it (or says no) or time runs out."""
     request_id = store.request_trigger(workflow, dict(params))
     deadline = time.monotonic() + timeout
     request = store.get_request(request_id)
     while request is not None and time.monotonic() < deadline:
-        if request.status in ("started", "rejected"):
+        if request.status in (RequestStatus.STARTED, RequestStatus.REJECTED):
             return request
         time.sleep(0.2)
         request = store.get_request(request_id)

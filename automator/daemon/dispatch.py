@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 
 from automator.daemon.metrics import Metrics
 from automator.daemon.runs import Fire, RunThread
-from automator.daemon.store import DaemonStore
 from automator.engine.runner import owner_id
+from automator.history.protocols import SchedulerStore
+from automator.history.states import RequestStatus, RunStatus
 from automator.history.store import History
 from automator.plugins.manager import Plugins
 from automator.redaction import process_redactor
@@ -37,7 +38,7 @@ class Dispatcher:
         self,
         *,
         history: History,
-        store: DaemonStore,
+        store: SchedulerStore,
         plugins: Plugins,
         metrics: Metrics,
         workflows: Callable[[], dict[str, Workflow]],
@@ -184,14 +185,16 @@ class Dispatcher:
                 extra={**extra, "status": result.status, "counts": result.counts, "error": result.error},
             )
         elif handle.cancelled:
-            log.warning("run %s of %s interrupted", handle.run_id, name, extra={**extra, "status": "interrupted"})
+            log.warning(
+                "run %s of %s interrupted", handle.run_id, name, extra={**extra, "status": RunStatus.INTERRUPTED}
+            )
         elif handle.error is not None:
             # outside the run's own redaction: an exception may quote a secret the run read
             error = process_redactor().text(str(handle.error)) or type(handle.error).__name__
             log.error("run of %s could not run: %s", name, error, extra={**extra, "error": error})
             if handle.fire.request_id is not None:
-                self.store.settle_request(handle.fire.request_id, status="rejected", error=error)
+                self.store.settle_request(handle.fire.request_id, status=RequestStatus.REJECTED, error=error)
             if handle.run_id is not None:
                 # the engine could not close its run (the database failed under it, say)
-                self.store.end_run(handle.run_id, status="failed", reason=f"the daemon lost the run: {error}")
+                self.store.end_run(handle.run_id, status=RunStatus.FAILED, reason=f"the daemon lost the run: {error}")
         self.pump()

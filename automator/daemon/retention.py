@@ -2,20 +2,17 @@
 
 One thing survives pruning: the ledger rows of items *delivered with a key* (their data
 emptied). They are the workflow's memory of what it already sent; without them a feed
-that repeats an old entry after the retention period would post it again.
+that repeats an old entry after the retention period would post it again. The SQL is
+:meth:`automator.history.daemon_store.DaemonStore.prune_runs`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, delete, not_, select, update
-
-from automator.history.daemon_models import RunRecovery, TriggerRequest
-from automator.history.models import LedgerItem, ModelCall, Run, StepAttempt
-from automator.history.store import History, now
+from automator.history.protocols import SchedulerStore
 
 log = logging.getLogger("automator.daemon")
 
@@ -23,8 +20,8 @@ BATCH = 200
 
 
 class Retention:
-    def __init__(self, history: History, keep: timedelta, *, batch: int = BATCH, pause: float = 0.05) -> None:
-        self.history = history
+    def __init__(self, store: SchedulerStore, keep: timedelta, *, batch: int = BATCH, pause: float = 0.05) -> None:
+        self.store = store
         self.keep = keep
         self.batch = batch
         self.pause = pause
@@ -33,44 +30,20 @@ class Retention:
 
     def prune(self) -> int:
         """Remove what is older than ``keep``; returns how many runs were removed."""
-        cutoff = now() - self.keep
+        cutoff = datetime.now(UTC) - self.keep
         removed = 0
         started = False
-        engine = self.history.engine
         while True:
-            with engine.begin() as conn:
-                ids = list(
-                    conn.scalars(
-                        select(Run.id)
-                        .where(Run.id > self._cursor, Run.finished_at.is_not(None), Run.finished_at < cutoff)
-                        .order_by(Run.id)
-                        .limit(self.batch)
-                    )
-                )
-                if not ids:
-                    break
-                if not started:
-                    started = True
-                    log.info("retention: pruning runs that finished before %s", cutoff.isoformat(timespec="seconds"))
-                keyed = LedgerItem.outcome.in_(["delivered"]) & LedgerItem.key.is_not(None)
-                keepers = set(
-                    conn.scalars(select(LedgerItem.run_id).where(LedgerItem.run_id.in_(ids), keyed).distinct())
-                )
-                conn.execute(delete(StepAttempt).where(StepAttempt.run_id.in_(ids)))
-                conn.execute(delete(ModelCall).where(ModelCall.run_id.in_(ids)))
-                conn.execute(delete(RunRecovery).where(RunRecovery.run_id.in_(ids)))
-                conn.execute(delete(LedgerItem).where(LedgerItem.run_id.in_(ids), not_(keyed)))
-                if keepers:
-                    conn.execute(update(LedgerItem).where(LedgerItem.run_id.in_(keepers)).values(data={}, result=None))
-                gone = [run_id for run_id in ids if run_id not in keepers]
-                if gone:
-                    conn.execute(delete(Run).where(Run.id.in_(gone)))
-                removed += len(gone)
-                self._cursor = ids[-1]
+            last, gone = self.store.prune_runs(finished_before=cutoff, after_id=self._cursor, limit=self.batch)
+            if last is None:
+                break
+            if not started:
+                started = True
+                log.info("retention: pruning runs that finished before %s", cutoff.isoformat(timespec="seconds"))
+            removed += gone
+            self._cursor = last
             time.sleep(self.pause)  # let runs write between batches
-        with engine.begin() as conn:
-            conn.execute(delete(ModelCall).where(and_(ModelCall.run_id.is_(None), ModelCall.created_at < cutoff)))
-            conn.execute(delete(TriggerRequest).where(TriggerRequest.requested_at < cutoff))
+        self.store.prune_unattached(before=cutoff)
         if removed:
             log.info("retention: removed %d run(s) older than %s", removed, cutoff.isoformat(timespec="seconds"))
         return removed

@@ -67,7 +67,7 @@ def for_run(context: RunContext) -> Budget:
     per_day = spec.max_cost_usd_per_day if spec else None
     before = Decimal(0)
     if per_day is not None:
-        before = records.spent_since(context.history, context.workflow.name, records.start_of_day())
+        before = context.history.model_calls.spent_since(context.workflow.name, records.start_of_day())
     budget = Budget(per_run=per_run, per_day=per_day, spent_today_before=before)
     context.extra[CONTEXT_KEY] = budget
     return budget

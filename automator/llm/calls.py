@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from automator.history.states import CallStatus
 from automator.llm import budget as budgets
 from automator.llm import pricing, records
 
@@ -60,7 +61,7 @@ class ModelCalls:
         self.model = model
         self.prices = prices
         self.store_prompts = store_prompts
-        self.recorder = records.CallRecorder(context.history)
+        self.recorder = records.CallRecorder(context.history.model_calls)
         self.stats: Counter[str] = Counter()
         self.cost = Decimal(0)
         self._budget: budgets.Budget | None = None
@@ -101,7 +102,7 @@ class ModelCalls:
     async def lookup(self, key: str) -> Answer | None:
         """An answer to this exact request: written this run and not yet flushed, or in the history."""
         found = self.recorder.pending_cache(key) or await asyncio.to_thread(
-            records.cached_response, self.context.history, key
+            self.context.history.model_calls.cached_response, key
         )
         # redacted on the way out too: an entry written before a secret was known to the run
         return None if found is None else {**found, "content": self.redact(found.get("content"))}
@@ -167,7 +168,9 @@ class ModelCalls:
 
     def record_cached(self, item_seq: int, answer: Answer) -> None:
         self.stats["cached"] += 1
-        self.record(item_seq, 0, reply=None, status="cached", mode="cache", request_id=answer.get("request_id"))
+        self.record(
+            item_seq, 0, reply=None, status=CallStatus.CACHED, mode="cache", request_id=answer.get("request_id")
+        )
 
     def record(
         self,
@@ -175,7 +178,7 @@ class ModelCalls:
         attempt: int,
         *,
         reply: Reply | None,
-        status: str,
+        status: CallStatus,
         mode: str = "sync",
         error: str | None = None,
         latency_ms: int | None = None,

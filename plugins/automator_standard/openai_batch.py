@@ -35,7 +35,8 @@ from typing import Any, Protocol
 from automator import Item, ModelError, QuarantineItem
 from automator.engine.calls import Caller, describe_error
 from automator.engine.context import RunContext
-from automator.llm import records
+from automator.history.protocols import ModelCallStore
+from automator.history.states import CallStatus
 from automator.llm.calls import Answer, ModelCalls, Reply
 from automator.spec.models import RetryPolicy
 from automator_standard.openai_batch_jsonl import (
@@ -105,7 +106,7 @@ class BatchTransform:
         self.step = step
         self.calls = step.calls
         self.context = step.context
-        self.history = step.context.history
+        self.history: ModelCallStore = step.context.history.model_calls
         self.outcomes: list[Any] = []
         self._known: set[str] = set()  # batch ids the history has for this run and step
         info = step.context.info
@@ -118,7 +119,7 @@ class BatchTransform:
         step = self.step
         await step.client()
         self.outcomes = [_UNSET] * len(items)
-        stored = await asyncio.to_thread(records.run_batches, self.history, self.context.run_id, step.step_id)
+        stored = await asyncio.to_thread(self.history.run_batches, self.context.run_id, step.step_id)
         resuming = bool(stored)
         requests: list[Request] = []
         # a resumed run reads the answers its predecessor collected, whatever the temperature
@@ -209,14 +210,14 @@ class BatchTransform:
         """
         if not requests:
             return []
-        last = await asyncio.to_thread(records.last_calls, self.history, self.context.run_id, self.step.step_id)
+        last = await asyncio.to_thread(self.history.last_calls, self.context.run_id, self.step.step_id)
         note = "(answered in a batch before the run was resumed; not sent again)"
         again: list[Request] = []
         for request in requests:
             status, error = last.get(request.item.seq, ("", None))
-            if status == "error":
+            if status == CallStatus.ERROR:
                 self.outcomes[request.index] = ModelError(f"{error} {note}", retryable=False)
-            elif status == "rejected":
+            elif status == CallStatus.REJECTED:
                 self.outcomes[request.index] = QuarantineItem(
                     f"{self.step.config.model} gave no acceptable answer: {error} {note}"
                 )
@@ -260,8 +261,7 @@ class BatchTransform:
         self._known.add(batch.id)
         # stored before anything else can fail: a restarted process collects it instead of paying again
         row_id = await asyncio.to_thread(
-            records.add_batch,
-            self.history,
+            self.history.add_batch,
             run_id=run_id,
             workflow=self.context.workflow.name,
             step_id=step.step_id,
@@ -363,7 +363,7 @@ class BatchTransform:
                     continue
                 if batch.status != job.status:
                     job.status = batch.status
-                    await asyncio.to_thread(records.update_batch, self.history, job.row_id, status=batch.status)
+                    await asyncio.to_thread(self.history.update_batch, job.row_id, status=batch.status)
                 if batch.status in TERMINAL:
                     job.data = batch
                     await self._collect(job)
@@ -375,7 +375,7 @@ class BatchTransform:
         for request in job.requests:
             self._settle(request, Decimal(0))
             self.outcomes[request.index] = ModelError(error, retryable=False)
-        await asyncio.to_thread(records.update_batch, self.history, job.row_id, status="collected", error=error)
+        await asyncio.to_thread(self.history.update_batch, job.row_id, status="collected", error=error)
 
     async def _download(self, file_id: str | None) -> dict[str, dict[str, Any]]:
         if not file_id:
@@ -435,8 +435,7 @@ class BatchTransform:
         # that dies in between finds them there when the run is resumed
         await self.calls.flush()
         await asyncio.to_thread(
-            records.update_batch,
-            self.history,
+            self.history.update_batch,
             job.row_id,
             status="collected",
             output_file_id=batch.output_file_id,
@@ -449,7 +448,7 @@ class BatchTransform:
         request.reserved = Decimal(0)
 
     def _fail(self, request: Request, reason: str) -> None:
-        self.calls.record(request.item.seq, 1, reply=None, status="error", mode="batch", error=reason)
+        self.calls.record(request.item.seq, 1, reply=None, status=CallStatus.ERROR, mode="batch", error=reason)
         self.outcomes[request.index] = ModelError(reason, retryable=False)
 
     def _accept(self, request: Request, reply: Reply, text: str) -> None:
@@ -457,7 +456,7 @@ class BatchTransform:
             request.item.seq,
             1,
             reply=reply,
-            status="ok",
+            status=CallStatus.OK,
             mode="batch",
             prompt=request.prompt.messages,
             response=reply.content,
@@ -479,7 +478,7 @@ class BatchTransform:
                 request.item.seq,
                 1,
                 reply=reply,
-                status="rejected",
+                status=CallStatus.REJECTED,
                 mode="batch",
                 error=problem,
                 prompt=request.prompt.messages,

@@ -21,7 +21,8 @@ from typing import Any
 
 from automator import Item, ModelError, QuarantineItem, StepError, TransformStep, hookimpl
 from automator.engine.calls import Caller
-from automator.llm import pricing, records, tokens
+from automator.history.states import CallStatus
+from automator.llm import pricing, tokens
 from automator.llm.calls import Answer, ModelCalls, Reply
 from automator.llm.limiter import RateLimiter
 from automator.spec.models import RetryPolicy
@@ -183,7 +184,7 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         prompt_tokens = self.count(prompt, prompt.messages)
         self.check_fits(prompt_tokens)
         key = request_key(self.params(prompt.messages))
-        cached = self.reads_cache and records.cached_response(self.context.history, key, count_hit=False) is not None
+        cached = self.reads_cache and self.context.history.model_calls.cached_response(key, count_hit=False) is not None
         batch = self.config.mode == "batch"
         bound = self.calls.upper_bound(prompt_tokens, self.config.max_output_tokens, batch=batch)
         return {
@@ -233,14 +234,14 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             problem, answer_text = self.judge(reply)
             if not problem:
                 self.calls.record(
-                    item.seq, attempt, reply=reply, status="ok", prompt=prompt.messages, response=reply.content
+                    item.seq, attempt, reply=reply, status=CallStatus.OK, prompt=prompt.messages, response=reply.content
                 )
                 return self.calls.answer(reply, answer_text)
             self.calls.record(
                 item.seq,
                 attempt,
                 reply=reply,
-                status="rejected",
+                status=CallStatus.REJECTED,
                 error=problem,
                 prompt=messages,
                 response=reply.content,
@@ -323,7 +324,7 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
                     item.seq,
                     tries,
                     reply=None,
-                    status="error",
+                    status=CallStatus.ERROR,
                     error=failed.message,
                     latency_ms=failed.latency_ms,
                     request_id=failed.request_id,

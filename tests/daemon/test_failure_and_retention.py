@@ -11,6 +11,7 @@ from sqlalchemy import update
 
 from automator.daemon.retention import Retention
 from automator.engine.runner import run_workflow
+from automator.history.daemon_store import DaemonStore
 from automator.history.models import Run
 from automator.history.store import History, ItemRow, OutcomeRow, now
 from automator.plugins.manager import Plugins
@@ -81,7 +82,7 @@ def test_retention_prunes_old_runs_but_remembers_delivered_keys(history: History
     unkeyed = _old_run(history, [None], "delivered", days_ago=40)
     recent = _old_run(history, ["d"], "delivered", days_ago=2)
 
-    removed = Retention(history, timedelta(days=30), batch=2, pause=0).prune()
+    removed = Retention(DaemonStore(history), timedelta(days=30), batch=2, pause=0).prune()
     assert removed == 2
     assert history.get_run(skipped) is None
     assert history.get_run(unkeyed) is None
@@ -92,4 +93,4 @@ def test_retention_prunes_old_runs_but_remembers_delivered_keys(history: History
     assert history.get_run(delivered).steps == []
     assert history.items(recent)[0].data == {"body": "x" * 50}
     # a second pass has nothing more to do
-    assert Retention(history, timedelta(days=30), pause=0).prune() == 0
+    assert Retention(DaemonStore(history), timedelta(days=30), pause=0).prune() == 0

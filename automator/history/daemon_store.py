@@ -1,22 +1,24 @@
-"""The daemon's SQL: schedule state, manual trigger requests, skipped fires, recoveries.
+"""The daemon's SQL: schedule state, manual trigger requests, skipped fires, recoveries, pruning.
 
 The run history itself (runs, steps, the ledger) is written by the engine through
-:class:`automator.history.store.History`; this module adds what only the daemon needs,
-on the same engine.
+:class:`automator.history.store.History`; this module adds what only the daemon (and the
+command line's clean-up of abandoned runs) needs, on the same engine. It implements
+:class:`automator.history.protocols.SchedulerStore`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, not_, select, update
 
 from automator.history.daemon_models import RunRecovery, ScheduleState, TriggerRequest
 from automator.history.db import inserted_id
-from automator.history.models import LedgerItem, Run, StepAttempt
+from automator.history.models import LedgerItem, ModelCall, Run, StepAttempt
+from automator.history.states import Outcome, RequestStatus, RunStatus, StepStatus
 from automator.history.store import COUNT_FIELDS, History, now
 
 FIRE_TRIGGERS = ("schedule", "catch_up")
@@ -24,6 +26,8 @@ FIRE_TRIGGERS = ("schedule", "catch_up")
 
 @dataclass(frozen=True)
 class RunningRun:
+    """A run recorded as ``running``, and who owns it (host:pid)."""
+
     id: int
     workflow: str
     version: str
@@ -33,6 +37,8 @@ class RunningRun:
 
 
 class DaemonStore:
+    """The scheduler's state in the run history (a :class:`~automator.history.protocols.SchedulerStore`)."""
+
     def __init__(self, history: History) -> None:
         self.history = history
         self.engine = history.engine
@@ -111,7 +117,7 @@ class DaemonStore:
                     workflow_version=version,
                     workflow_path=path,
                     trigger=trigger,
-                    status="skipped",
+                    status=RunStatus.SKIPPED,
                     scheduled_for=scheduled_for,
                     started_at=stamp,
                     finished_at=stamp,
@@ -124,6 +130,7 @@ class DaemonStore:
             return inserted_id(result)
 
     def heartbeat(self, run_ids: Sequence[int]) -> None:
+        """Stamp the runs this process executes as alive."""
         if not run_ids:
             return
         with self._errors(), self.engine.begin() as conn:
@@ -131,20 +138,22 @@ class DaemonStore:
 
     # -- crash recovery ---------------------------------------------------------------
 
-    def running_runs(self) -> list[RunningRun]:
+    def running_runs(self, *, trigger: str | None = None) -> list[RunningRun]:
+        """The runs recorded as ``running`` (only those started by ``trigger``, if given)."""
         query = select(Run.id, Run.workflow, Run.workflow_version, Run.owner, Run.started_at, Run.heartbeat_at).where(
-            Run.status == "running"
+            Run.status == RunStatus.RUNNING
         )
-        with self._errors(), self.engine.connect() as conn:
-            return [RunningRun(*row) for row in conn.execute(query)]
+        if trigger is not None:
+            query = query.where(Run.trigger == trigger)
+        return self.history.read(lambda session: [RunningRun(*row) for row in session.execute(query)])
 
     def mark_crashed(self, run: RunningRun, *, detected_by: str, reason: str) -> bool:
         """running → crashed, if nobody else got there first; records the recovery."""
         with self._errors(), self.engine.begin() as conn:
             changed = conn.execute(
                 update(Run)
-                .where(Run.id == run.id, Run.status == "running", Run.owner == run.owner)
-                .values(status="crashed", error=reason)
+                .where(Run.id == run.id, Run.status == RunStatus.RUNNING, Run.owner == run.owner)
+                .values(status=RunStatus.CRASHED, error=reason)
             ).rowcount
             if changed:
                 conn.execute(
@@ -165,8 +174,8 @@ class DaemonStore:
         with self._errors(), self.engine.begin() as conn:
             changed = conn.execute(
                 update(Run)
-                .where(Run.id == run_id, Run.status == "crashed")
-                .values(status="running", owner=owner, heartbeat_at=stamp, error=None, finished_at=None)
+                .where(Run.id == run_id, Run.status == RunStatus.CRASHED)
+                .values(status=RunStatus.RUNNING, owner=owner, heartbeat_at=stamp, error=None, finished_at=None)
             ).rowcount
             if changed:
                 conn.execute(
@@ -176,22 +185,20 @@ class DaemonStore:
                 )
             return bool(changed)
 
-    def end_run(self, run_id: int, *, status: str, reason: str, by: str | None = None) -> None:
+    def end_run(self, run_id: int, *, status: RunStatus, reason: str, by: str | None = None) -> None:
         """Close a run the engine could not close: pending items fail, counts are recounted."""
         stamp = now()
         with self._errors(), self.engine.begin() as conn:
             conn.execute(
                 update(LedgerItem)
-                .where(LedgerItem.run_id == run_id, LedgerItem.outcome == "pending")
-                .values(outcome="failed", reason=f"not processed: {reason}", updated_at=stamp)
+                .where(LedgerItem.run_id == run_id, LedgerItem.outcome == Outcome.PENDING)
+                .values(outcome=Outcome.FAILED, reason=f"not processed: {reason}", updated_at=stamp)
             )
             # nor a step row left running by the process that is gone
             conn.execute(
                 update(StepAttempt)
-                .where(StepAttempt.run_id == run_id, StepAttempt.status == "running")
-                .values(
-                    status=status if status in ("interrupted", "crashed") else "failed", error=reason, finished_at=stamp
-                )
+                .where(StepAttempt.run_id == run_id, StepAttempt.status == StepStatus.RUNNING)
+                .values(status=_step_status(status), error=reason, finished_at=stamp)
             )
             counts = dict.fromkeys(COUNT_FIELDS, 0)
             for outcome, count in conn.execute(
@@ -213,6 +220,7 @@ class DaemonStore:
                 )
 
     def recoveries(self, run_id: int) -> list[tuple[str, str | None]]:
+        """What recovery did to a run, oldest first: (action, reason)."""
         with self._errors(), self.engine.connect() as conn:
             rows = conn.execute(
                 select(RunRecovery.action, RunRecovery.reason)
@@ -224,33 +232,41 @@ class DaemonStore:
     # -- manual triggers --------------------------------------------------------------
 
     def request_trigger(self, workflow: str, params: dict[str, Any]) -> int:
+        """Queue a manual run of ``workflow`` for a daemon to pick up; the request's id."""
         with self._errors(), self.engine.begin() as conn:
             result = conn.execute(
-                insert(TriggerRequest).values(workflow=workflow, params=params, status="pending", requested_at=now())
+                insert(TriggerRequest).values(
+                    workflow=workflow, params=params, status=RequestStatus.PENDING, requested_at=now()
+                )
             )
             return inserted_id(result)
 
     def pending_requests(self) -> list[TriggerRequest]:
+        """Trigger requests no daemon has claimed yet, oldest first."""
         with self._errors(), self.history.session() as session:
             return list(
                 session.scalars(
-                    select(TriggerRequest).where(TriggerRequest.status == "pending").order_by(TriggerRequest.id)
+                    select(TriggerRequest)
+                    .where(TriggerRequest.status == RequestStatus.PENDING)
+                    .order_by(TriggerRequest.id)
                 )
             )
 
     def claim_request(self, request_id: int, owner: str) -> bool:
+        """pending → claimed by ``owner``; False when another daemon (or a cancel) got there first."""
         with self._errors(), self.engine.begin() as conn:
             return bool(
                 conn.execute(
                     update(TriggerRequest)
-                    .where(TriggerRequest.id == request_id, TriggerRequest.status == "pending")
-                    .values(status="claimed", claimed_at=now(), claimed_by=owner)
+                    .where(TriggerRequest.id == request_id, TriggerRequest.status == RequestStatus.PENDING)
+                    .values(status=RequestStatus.CLAIMED, claimed_at=now(), claimed_by=owner)
                 ).rowcount
             )
 
     def settle_request(
-        self, request_id: int, *, status: str, run_id: int | None = None, error: str | None = None
+        self, request_id: int, *, status: RequestStatus, run_id: int | None = None, error: str | None = None
     ) -> None:
+        """Record how a claimed request ended (started as a run, or rejected with an error)."""
         with self._errors(), self.engine.begin() as conn:
             conn.execute(
                 update(TriggerRequest)
@@ -259,6 +275,7 @@ class DaemonStore:
             )
 
     def get_request(self, request_id: int) -> TriggerRequest | None:
+        """One trigger request, or None."""
         with self._errors(), self.history.session() as session:
             return session.get(TriggerRequest, request_id)
 
@@ -268,10 +285,52 @@ class DaemonStore:
             return bool(
                 conn.execute(
                     update(TriggerRequest)
-                    .where(TriggerRequest.id == request_id, TriggerRequest.status == "pending")
-                    .values(status="cancelled")
+                    .where(TriggerRequest.id == request_id, TriggerRequest.status == RequestStatus.PENDING)
+                    .values(status=RequestStatus.CANCELLED)
                 ).rowcount
             )
+
+    # -- retention ----------------------------------------------------------------------
+
+    def prune_runs(self, *, finished_before: datetime, after_id: int, limit: int) -> tuple[int | None, int]:
+        """Remove up to ``limit`` runs (ids above ``after_id``) that finished before the cutoff.
+
+        One transaction, so it never holds the database long. The ledger rows of items
+        delivered with a key survive, their data emptied (with their run row): they are the
+        workflow's memory of what it already sent. Returns (the last run id looked at, or
+        None when there is none left; how many run rows were deleted).
+        """
+        with self._errors(), self.engine.begin() as conn:
+            ids = list(
+                conn.scalars(
+                    select(Run.id)
+                    .where(Run.id > after_id, Run.finished_at.is_not(None), Run.finished_at < finished_before)
+                    .order_by(Run.id)
+                    .limit(limit)
+                )
+            )
+            if not ids:
+                return None, 0
+            keyed = (LedgerItem.outcome == Outcome.DELIVERED) & LedgerItem.key.is_not(None)
+            keepers = set(conn.scalars(select(LedgerItem.run_id).where(LedgerItem.run_id.in_(ids), keyed).distinct()))
+            conn.execute(delete(StepAttempt).where(StepAttempt.run_id.in_(ids)))
+            conn.execute(delete(ModelCall).where(ModelCall.run_id.in_(ids)))
+            conn.execute(delete(RunRecovery).where(RunRecovery.run_id.in_(ids)))
+            conn.execute(delete(LedgerItem).where(LedgerItem.run_id.in_(ids), not_(keyed)))
+            if keepers:
+                conn.execute(update(LedgerItem).where(LedgerItem.run_id.in_(keepers)).values(data={}, result=None))
+            gone = [run_id for run_id in ids if run_id not in keepers]
+            if gone:
+                conn.execute(delete(Run).where(Run.id.in_(gone)))
+            return ids[-1], len(gone)
+
+    def prune_unattached(self, *, before: datetime) -> None:
+        """Remove model calls made outside any run, and trigger requests, older than the cutoff."""
+        with self._errors(), self.engine.begin() as conn:
+            conn.execute(delete(ModelCall).where(ModelCall.run_id.is_(None), ModelCall.created_at < before))
+            conn.execute(delete(TriggerRequest).where(TriggerRequest.requested_at < before))
+
+    # -- health -----------------------------------------------------------------------
 
     def ping(self) -> None:
         """Raise if the database cannot be reached (for /healthz)."""
@@ -279,12 +338,8 @@ class DaemonStore:
             conn.execute(select(1))
 
 
-def chunks(values: Iterable[int], size: int) -> Iterable[list[int]]:
-    batch: list[int] = []
-    for value in values:
-        batch.append(value)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _step_status(run_status: RunStatus) -> StepStatus:
+    """What a step row left running becomes when its run is ended from outside."""
+    if run_status in (RunStatus.INTERRUPTED, RunStatus.CRASHED):
+        return StepStatus(run_status)
+    return StepStatus.FAILED
