@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
 from automator.history.store import History
 from automator.plugins.manager import Plugins, load_plugins
+
+if TYPE_CHECKING:
+    from automator.history.protocols import SchedulerStore
 
 
 @dataclass
@@ -27,10 +29,15 @@ class Settings:
     _history: History | None = field(default=None, repr=False)
     _plugins: dict[Path | None, Plugins] = field(default_factory=dict, repr=False)
 
-    def history(self, *, auto_upgrade: bool | None = None) -> History:
+    def history(self, *, auto_upgrade: bool | None = None, detect_abandoned: bool = True) -> History:
+        """The history database, opened once; runs a dead process left ``running`` are marked ``crashed``.
+
+        ``detect_abandoned=False``: the command takes over such runs itself (``run``, ``resume``).
+        """
         if self._history is None:
             self._history = History(self.database_url, auto_upgrade=auto_upgrade)
-            finish_abandoned_runs(self._history)
+            if detect_abandoned:
+                detect_abandoned_runs(self._history)
         return self._history
 
     def plugins(self, workflows_dir: Path | None = None) -> Plugins:
@@ -94,31 +101,31 @@ def is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def finish_abandoned_runs(history: History) -> None:
-    """End the runs that an ``automator run`` on this machine left ``running`` when it died.
+def detect_abandoned_runs(history: History) -> None:
+    """Mark ``crashed`` the runs left ``running`` by a process that is gone, so that none shows as running.
 
-    A killed process, or one whose history was locked or read-only at the end, could not
-    record its run's end; no daemon resumes a command-line run, so the next command ends it
-    (``crashed``, its pending items failed). Runs of a live process are left alone.
+    Only marked (crash recovery records it as detected): resuming or failing such a run
+    per its ``on_crash`` needs its workflow, and is done by the next ``automator run`` of
+    that workflow, by ``automator resume ID``, or by the daemon. Runs of a live process
+    are left alone.
     """
-    from sqlalchemy import select
-
-    from automator.daemon.recovery import process_alive
-    from automator.daemon.store import DaemonStore
+    from automator.engine.recovery import CrashRecovery
     from automator.errors import HistoryError
-    from automator.history.models import Run
+    from automator.history.daemon_store import DaemonStore
+    from automator.history.states import RunStatus
 
-    host = socket.gethostname()
-    query = select(Run.id, Run.owner, Run.started_at).where(Run.status == "running", Run.trigger == "cli")
+    store: SchedulerStore = DaemonStore(history)
+    recovery = CrashRecovery(history, store)
     try:
-        found = history.read(lambda session: list(session.execute(query)))
-        for run_id, owner, started_at in found:
-            owner_host, _, pid = (owner or "").rpartition(":")
-            if owner_host != host or not pid.isdigit() or process_alive(int(pid), started_at):
-                continue
-            reason = f"its process ({owner}) ended without recording the run's end"
-            DaemonStore(history).end_run(run_id, status="crashed", reason=reason)
-            logging.getLogger("automator.cli").warning("run %s was left running: %s; it is now crashed", run_id, reason)
+        for orphan in recovery.orphans():
+            if orphan.run.status == RunStatus.RUNNING and recovery.detect(orphan):
+                logging.getLogger("automator.cli").warning(
+                    "run %s of %s is now crashed; the next `automator run` of it (or `automator resume %s`) "
+                    "resumes it, or fails it per on_crash",
+                    orphan.run.id,
+                    orphan.run.workflow,
+                    orphan.run.id,
+                )
     except HistoryError as exc:
         # the command itself may still work (reading a read-only history, say)
-        logging.getLogger("automator.cli").warning("could not finish abandoned runs: %s", exc.message)
+        logging.getLogger("automator.cli").warning("could not check for abandoned runs: %s", exc.message)

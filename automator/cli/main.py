@@ -10,13 +10,14 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from automator.cli import render
 from automator.cli.common import (
     Settings,
+    detect_abandoned_runs,
     echo_json,
     is_terminal,
     project_workflows_dir,
@@ -30,12 +31,20 @@ from automator.cli.daemon import daemon, trigger
 from automator.cli.export import export
 from automator.daemon.logs import quiet_libraries, redact_handlers
 from automator.engine.context import SECRET_ENV_PREFIX
+from automator.engine.recovery import CrashRecovery, Orphan
 from automator.errors import AutomatorError, ConfigError, Problem, WorkflowFileError
 from automator.history import db
+from automator.history.daemon_store import DaemonStore
+from automator.history.states import Outcome
 from automator.history.store import RUN_STATUSES
 from automator.redaction import install_excepthooks, process_redactor, register_secrets
 from automator.spec.loader import WORKFLOW_SUFFIXES, load_workflow
 from automator.spec.yamlpos import YamlSyntaxError, load_located
+
+if TYPE_CHECKING:
+    from automator.engine.runner import Run, RunResult
+    from automator.history.store import History
+    from automator.spec.loader import Workflow
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 T = TypeVar("T")
@@ -110,6 +119,9 @@ def _print_problems(problems: list[Problem]) -> None:
 def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool, dry_run: bool) -> None:
     """Run a workflow once, now. Exit 0 succeeded, 1 failed, 2 invalid file.
 
+    An unfinished run of the same workflow whose process is gone is first resumed (or, with
+    ``on_crash: fail``, finished), as the daemon would; then the new run starts.
+
     Stopped by Ctrl-C, SIGTERM or SIGHUP, the run ends ``interrupted`` with every item's
     outcome recorded; the exit code is then 128 + the signal (130, 143, 129).
     """
@@ -124,15 +136,26 @@ def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool, 
         _print_problems(exc.problems)
         stderr.print(f"{file}: invalid, not run ({len(exc.problems)} problem(s)).", markup=False)
         ctx.exit(EXIT_INVALID)
-    history = opts.history()
     if dry_run:
         from automator.llm.estimate import dry_run as estimate_run
 
-        estimate_run(workflow, history, plugins, _parse_params(params), as_json=as_json)
+        estimate_run(workflow, opts.history(), plugins, _parse_params(params), as_json=as_json)
         ctx.exit(EXIT_OK)
+    given = _parse_params(params)
+    history = opts.history(detect_abandoned=False)  # this workflow's are taken over below
+    _recover_unfinished_runs(ctx, workflow, history, as_json=as_json)
+    detect_abandoned_runs(history)  # those of other workflows are only marked
+    result = _execute(ctx, Run(workflow, history, plugins, params=given, trigger="cli"), None, as_json=as_json)
+    _print_result(result, as_json=as_json)
+    ctx.exit(EXIT_OK if result.succeeded else EXIT_FAILED)
+
+
+def _execute(ctx: click.Context, the_run: Run, resume_id: int | None, *, as_json: bool) -> RunResult:
+    """Execute (or resume) a run, a progress bar on a terminal; a stop signal exits 128 + it."""
     with render.Progress(enabled=is_terminal() and not as_json) as progress:
-        the_run = Run(workflow, history, plugins, params=_parse_params(params), trigger="cli", progress=progress)
-        stopped_by, result = _run_until_stopped(the_run.execute())
+        the_run.progress = progress
+        work = the_run.execute() if resume_id is None else the_run.resume(resume_id)
+        stopped_by, result = _run_until_stopped(work)
     if stopped_by is not None:
         # the engine recorded the run as interrupted, every item with its outcome
         run_id = the_run.context.run_id if the_run.context is not None else None
@@ -140,10 +163,96 @@ def run(ctx: click.Context, file: Path, params: tuple[str, ...], as_json: bool, 
         stderr.print(f"interrupted by {stopped_by.name}: the run is recorded as interrupted{where}", markup=False)
         ctx.exit(128 + stopped_by.value)
     assert result is not None
+    return result
+
+
+def _print_result(result: RunResult, *, as_json: bool) -> None:
     if as_json:
         echo_json(render.result_json(result))
     else:
         render.print_result(result)
+
+
+def _recover_unfinished_runs(ctx: click.Context, workflow: Workflow, history: History, *, as_json: bool) -> None:
+    """Resume, or finish per ``on_crash``, the runs of ``workflow`` whose process is gone (as the daemon does).
+
+    Said on stderr; a resumed run's result is printed as a run's is (on stderr with
+    ``--json``, whose output stays the new run's).
+    """
+    from automator.engine.runner import Run
+
+    opts = settings(ctx)
+    plugins = opts.plugins(workflow.path.parent)
+    recovery = CrashRecovery(history, DaemonStore(history))
+    for orphan in recovery.orphans(workflow.name):
+        decision = recovery.take_over(orphan, workflow)
+        if decision is None:
+            continue  # another process took it over meanwhile
+        if not decision.resume:
+            stderr.print(f"finishing run {decision.run_id} of {workflow.name}: {decision.message}", markup=False)
+            if decision.notify:  # tell someone, as for any failed run
+                asyncio.run(Run(workflow, history, plugins).notify_failure(decision.run_id))
+            continue
+        stderr.print(f"resuming run {decision.run_id} of {workflow.name}, {orphan.reason}", markup=False)
+        result = _execute(ctx, Run(workflow, history, plugins), decision.run_id, as_json=as_json)
+        if as_json:
+            error = f" ({result.error})" if result.error else ""
+            stderr.print(f"run {result.run_id} resumed: {result.status}{error}", markup=False)
+        else:
+            render.print_result(result)
+
+
+# --- resume ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (as `automator run --json` does).")
+@click.pass_context
+def resume(ctx: click.Context, run_id: int, as_json: bool) -> None:
+    """Resume a crashed or abandoned run in its own run id. Exit 0 succeeded, 1 failed or refused.
+
+    The run continues on its workflow file (the one it started from, unchanged) with the
+    items it had not finished; items another run delivered meanwhile are skipped. Refused
+    for a finished run, an unknown id, and a run whose process is still alive. Exit 2 if
+    the workflow file is now invalid.
+    """
+    from automator.engine.runner import Run
+
+    opts = settings(ctx)
+    history = opts.history(detect_abandoned=False)
+    record = history.get_run(run_id)
+    if record is None:
+        raise ConfigError(f"no run with id {run_id}", hint="see `automator runs` for the ids")
+    name = record.workflow
+    run = next((r for r in history.unfinished_runs(name) if r.id == run_id), None)
+    if run is None:
+        raise ConfigError(f"run {run_id} of {name} is finished ({record.status}): there is nothing to resume")
+    recovery = CrashRecovery(history, DaemonStore(history))
+    reason = recovery.owner_gone(run)
+    if reason is None:
+        raise ConfigError(
+            f"run {run_id} of {name} is {run.status} in a process that is still alive ({run.owner}): "
+            "it is not abandoned",
+            hint="stop that process first (a daemon resumes its own runs)",
+        )
+    path = Path(record.workflow_path) if record.workflow_path else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"run {run_id} of {name}: its workflow file {path or '(not recorded)'} is not there")
+    workflow = load_workflow(path, opts.plugins(path.parent))  # invalid: exit 2
+    why_not = None if workflow.name == name else f"{path} is now workflow {workflow.name!r}"
+    why_not = why_not or recovery.why_not_resumed(run, workflow, asked=True)
+    if why_not is not None:
+        raise ConfigError(
+            f"run {run_id} of {name} cannot be resumed: {why_not}",
+            hint=f"`automator run {path}` finishes it (its pending items fail) before it starts a new run",
+        )
+    decision = recovery.take_over(Orphan(run, reason), workflow, asked=True)
+    if decision is None or not decision.resume:
+        raise ConfigError(f"run {run_id} of {name} was taken over by another process meanwhile")
+    stderr.print(f"resuming run {run_id} of {name}, {reason}", markup=False)
+    result = _execute(ctx, Run(workflow, history, opts.plugins(path.parent)), run_id, as_json=as_json)
+    _print_result(result, as_json=as_json)
     ctx.exit(EXIT_OK if result.succeeded else EXIT_FAILED)
 
 
@@ -265,7 +374,7 @@ def runs_show(ctx: click.Context, run_id: int, as_json: bool, show_items: bool) 
     found = history.get_run(run_id)
     if found is None:
         raise ConfigError(f"no run with id {run_id}", hint="see `automator runs` for the ids")
-    outcomes = None if show_items or as_json else ["quarantined", "failed"]
+    outcomes = None if show_items or as_json else [Outcome.QUARANTINED, Outcome.FAILED]
     items = history.items(run_id, outcomes)
     usage = history.model_usage_by_attempt(run_id)
     if as_json:

@@ -11,10 +11,9 @@ import time
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from sqlalchemy import func, select
 
-from automator.history.models import ModelCall
-from automator.history.store import History
+from automator.history.protocols import ModelCallStore
+from automator.history.states import FINAL_OUTCOMES, CallStatus
 from automator.plugins.events import RunFinished, StepFinished
 from automator.plugins.hookspecs import hookimpl
 
@@ -80,6 +79,11 @@ class Metrics:
             registry=registry,
         )
         self.pruned = Counter("automator_retention_pruned_runs", "Runs removed by retention.", registry=registry)
+        self.housekeeping_rounds = Counter(
+            "automator_housekeeping_rounds",
+            "Rounds of the housekeeping loop (reload, manual triggers, recovery); a live daemon counts on.",
+            registry=registry,
+        )
         self.model_calls = Counter(
             "automator_model_calls",
             "Model calls, by workflow, model and status.",
@@ -100,36 +104,20 @@ class Metrics:
 
     # -- model usage from the history -------------------------------------------------
 
-    def read_model_usage(self, history: History) -> None:
+    def read_model_usage(self, store: ModelCallStore) -> None:
         """Add the model calls recorded since the last look (the first look only sets the mark)."""
-        with history.engine.connect() as conn:
-            if self._model_call_seen is None:
-                self._model_call_seen = conn.execute(select(func.coalesce(func.max(ModelCall.id), 0))).scalar() or 0
-                return
-            rows = conn.execute(
-                select(
-                    ModelCall.id,
-                    ModelCall.workflow,
-                    ModelCall.model,
-                    ModelCall.status,
-                    ModelCall.input_tokens,
-                    ModelCall.cached_input_tokens,
-                    ModelCall.output_tokens,
-                    ModelCall.cost_usd,
-                )
-                .where(ModelCall.id > self._model_call_seen)
-                .order_by(ModelCall.id)
-                .limit(10000)
-            ).all()
-        for call_id, workflow, model, status, tokens_in, cached, tokens_out, cost in rows:
-            self._model_call_seen = call_id
-            self.model_calls.labels(workflow, model, status).inc()
-            if status == "cached":
+        if self._model_call_seen is None:
+            self._model_call_seen = store.last_call_id()
+            return
+        for call in store.calls_after(self._model_call_seen, limit=10000):
+            self._model_call_seen = call.id
+            self.model_calls.labels(call.workflow, call.model, call.status).inc()
+            if call.status == CallStatus.CACHED:
                 continue  # answered from the response cache: no tokens were paid for
-            self.model_tokens.labels(workflow, model, "input").inc(tokens_in or 0)
-            self.model_tokens.labels(workflow, model, "cached_input").inc(cached or 0)
-            self.model_tokens.labels(workflow, model, "output").inc(tokens_out or 0)
-            self.model_cost.labels(workflow, model).inc(float(Decimal(str(cost or 0))))
+            self.model_tokens.labels(call.workflow, call.model, "input").inc(call.input_tokens or 0)
+            self.model_tokens.labels(call.workflow, call.model, "cached_input").inc(call.cached_input_tokens or 0)
+            self.model_tokens.labels(call.workflow, call.model, "output").inc(call.output_tokens or 0)
+            self.model_cost.labels(call.workflow, call.model).inc(float(Decimal(str(call.cost_usd or 0))))
 
 
 class MetricsObserver:
@@ -143,7 +131,7 @@ class MetricsObserver:
         m, workflow = self.metrics, event.run.workflow
         m.runs.labels(workflow, event.status).inc()
         m.run_duration.labels(workflow).observe(event.duration_s)
-        for outcome in ("delivered", "skipped", "quarantined", "failed"):
+        for outcome in FINAL_OUTCOMES:
             if event.counts.get(outcome):
                 m.items.labels(workflow, outcome).inc(event.counts[outcome])
 

@@ -23,7 +23,6 @@ from typing import Any
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy.exc import SQLAlchemyError
 
 from automator.daemon import catchup, control
 from automator.daemon.dispatch import Dispatcher
@@ -34,10 +33,13 @@ from automator.daemon.plugin_watch import PluginWatch
 from automator.daemon.recovery import Recovery
 from automator.daemon.retention import Retention
 from automator.daemon.runs import Fire, RunIds, RunThread
-from automator.daemon.store import DaemonStore
 from automator.daemon.triggers import describe, local_at, schedule_trigger
+from automator.engine.recovery import CrashRecovery
 from automator.engine.runner import HEARTBEAT_SECONDS, owner_id
 from automator.errors import AutomatorError
+from automator.history.daemon_store import DaemonStore
+from automator.history.protocols import SchedulerStore
+from automator.history.states import RequestStatus, RunStatus
 from automator.history.store import History
 from automator.plugins.manager import Plugins
 from automator.spec.loader import Workflow
@@ -92,12 +94,15 @@ class Daemon:
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
-        self.store = DaemonStore(self.history)
+        self.store: SchedulerStore = DaemonStore(self.history)
         self.folder = WorkflowFolder(self.options.workflows_dir, self.plugins)
         self.me = owner_id()
         self.process_started = datetime.now(UTC)
-        self.recovery = Recovery(self.store, self.me, self.process_started, self.options.stale_after)
-        self.retention = Retention(self.history, self.options.keep) if self.options.keep else None
+        self.recovery = Recovery(
+            CrashRecovery(self.history, self.store, self.me, self.process_started, self.options.stale_after),
+            self.options.workflows_dir,
+        )
+        self.retention = Retention(self.store, self.options.keep) if self.options.keep else None
         self._scheduled: dict[str, _Scheduled] = {}
         self.plugin_watch = PluginWatch(self.options.plugins_dir)
         self._stop = asyncio.Event()
@@ -233,7 +238,10 @@ class Daemon:
             return  # a claimed resume stays `running`: the next start resumes it again
         if fire.request_id is not None:
             await asyncio.to_thread(
-                self.store.settle_request, fire.request_id, status="rejected", error="the daemon stopped first"
+                self.store.settle_request,
+                fire.request_id,
+                status=RequestStatus.REJECTED,
+                error="the daemon stopped first",
             )
             return
         await asyncio.to_thread(
@@ -254,7 +262,7 @@ class Daemon:
         for handle in self.dispatcher.running:
             if handle.alive() and handle.run_id is not None:
                 with contextlib.suppress(AutomatorError):
-                    self.store.end_run(handle.run_id, status="interrupted", reason=reason)
+                    self.store.end_run(handle.run_id, status=RunStatus.INTERRUPTED, reason=reason)
 
     # -- schedules --------------------------------------------------------------------
 
@@ -365,7 +373,7 @@ class Daemon:
                         self.dispatcher.fire(fire)
                 if now - last_usage >= 5:
                     last_usage = now
-                    await asyncio.to_thread(self.metrics.read_model_usage, self.history)
+                    await asyncio.to_thread(self.metrics.read_model_usage, self.history.model_calls)
             except AutomatorError as exc:
                 # the database may be away for a moment; the daemon keeps its schedule
                 log.error("housekeeping: %s", exc.message, extra={"error": exc.message})
@@ -374,6 +382,7 @@ class Daemon:
                 # and crash recovery for good: log it with its traceback and go on with the next
                 log.exception("housekeeping round failed: %r", exc, extra={"error": type(exc).__name__})
             self._update_gauges()
+            self.metrics.housekeeping_rounds.inc()
 
     async def _apply(self, changes: Changes) -> None:
         self._count_reloads(changes)
@@ -433,10 +442,8 @@ class Daemon:
                 removed = await asyncio.to_thread(self.retention.prune)
                 self.metrics.pruned.inc(removed)
             except AutomatorError as exc:
-                log.error("retention: %s", exc.message)
-            except SQLAlchemyError as exc:
-                # the database busy or away for a moment: try again at the next round
-                log.error("retention: %s", str(exc).splitlines()[0], extra={"error": type(exc).__name__})
+                # the database busy or away for a moment (a HistoryError): try again at the next round
+                log.error("retention: %s", exc.message, extra={"error": type(exc).__name__})
             await asyncio.sleep(every)
 
     # -- observers and health ---------------------------------------------------------
@@ -444,7 +451,7 @@ class Daemon:
     def _run_started(self, handle: RunThread) -> None:
         """In the run's thread, right after the run is recorded: answer a manual request."""
         if handle.fire.request_id is not None and handle.run_id is not None:
-            self.store.settle_request(handle.fire.request_id, status="started", run_id=handle.run_id)
+            self.store.settle_request(handle.fire.request_id, status=RequestStatus.STARTED, run_id=handle.run_id)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         details: dict[str, Any] = {}

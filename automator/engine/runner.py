@@ -22,6 +22,7 @@ from typing import Any, cast
 from automator.engine.calls import Caller, describe_error
 from automator.engine.context import RunContext
 from automator.errors import ConfigError, HistoryError, QuarantineItem, SkipItem, StepError
+from automator.history.states import Outcome, RunStatus, StepStatus
 from automator.history.store import History, ItemRow, OutcomeRow
 from automator.plugins.events import ItemOutcome, RunFinished, RunInfo, RunStarted, StepFinished, StepStarted
 from automator.plugins.manager import Plugins
@@ -51,7 +52,7 @@ class RunResult:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "succeeded"
+        return self.status == RunStatus.SUCCEEDED
 
 
 class _StopRun(Exception):  # noqa: N818 - control flow inside the runner
@@ -63,6 +64,11 @@ class _StopRun(Exception):  # noqa: N818 - control flow inside the runner
 
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def only_new(bound: BoundStep) -> bool:
+    """Whether the fetch step passes only items whose key no run delivered (the default with a key)."""
+    return bound.spec.only_new if bound.spec.only_new is not None else bound.spec.key is not None
 
 
 def resolve_params(workflow: Workflow, given: dict[str, Any] | None) -> dict[str, Any]:
@@ -105,6 +111,7 @@ class Run:
         self._step_delivered = 0
         self._flushed_at = time.monotonic()
         self._resumed = False
+        self._fetched_by: dict[int, str] = {}  # a resumed run's pending items: seq -> their fetch step
         self._ended: set[int] = set()
         self._first_failure: tuple[str, str] | None = None
         self._item_events = plugins.wants_item_events  # asked once: it is per item otherwise
@@ -125,7 +132,7 @@ class Run:
         result = ctx.redactor.data(result)
         self.counts[outcome] += 1
         self._pending_outcomes.append(OutcomeRow(item.seq, outcome, step_id, reason, result))
-        if outcome == "failed" and self._first_failure is None:
+        if outcome == Outcome.FAILED and self._first_failure is None:
             self._first_failure = (step_id or "", reason or "")
         if self._item_events:
             data = ctx.redactor.data(item.data)  # listeners may log or post it: no secrets
@@ -150,7 +157,7 @@ class Run:
         """An item reached a receiver: write it down now. True if that ended the item."""
         self._step_delivered += 1
         if bound is self.workflow.steps[-1]:
-            self._end_item(item, "delivered", bound.id, None, item.data)
+            self._end_item(item, Outcome.DELIVERED, bound.id, None, item.data)
             ended = True
         else:
             passed = self._delivered_by.setdefault(item.seq, [])
@@ -171,7 +178,8 @@ class Run:
         record = self.history.start_run(
             workflow=wf.name,
             version=wf.version,
-            path=str(wf.path),
+            # absolute: `automator resume ID` finds the file from any folder
+            path=str(wf.path.resolve()),
             trigger=self.trigger,
             params=self.params,
             scheduled_for=self.scheduled_for,
@@ -184,16 +192,20 @@ class Run:
 
         Items that already ended keep their outcome and are not redone; the pending ones
         restart after the fetch, from the data the fetch produced (as the ledger keeps it),
-        and pass by the deliver steps the ledger says they reached already. Only a delivery
-        in flight at the crash is sent again, with the same idempotency key, so the receiver
-        can tell the repeat. The caller has claimed the run (status ``running``, owner).
+        and pass by the deliver steps the ledger says they reached already. A pending item
+        whose key another run delivered meanwhile (a later ``automator run``, say) ends
+        ``skipped`` before any step sees it. Only a delivery in flight at the crash is sent
+        again, with the same idempotency key, so the receiver can tell the repeat. The
+        caller has claimed the run (status ``running``, owner).
         """
         record = self.history.get_run(run_id)
         if record is None:
             raise HistoryError(f"no run with id {run_id} to resume")
         # the crashed process could not finish its step rows: they end here, so that a
         # finished run has no running step (its model calls stay with the attempt that made them)
-        self.history.close_open_steps(run_id, status="crashed", error="the run's process stopped during this step")
+        self.history.close_open_steps(
+            run_id, status=StepStatus.CRASHED, error="the run's process stopped during this step"
+        )
         self.trigger = record.trigger
         self._resumed = True
         self.scheduled_for = record.scheduled_for
@@ -203,13 +215,43 @@ class Run:
             if row.delivered_by:
                 self._delivered_by[row.seq] = list(row.delivered_by)
             self.items.append(item)
-            if row.outcome == "pending":
+            if row.outcome == Outcome.PENDING:
                 self.active.append(item)
+                self._fetched_by[row.seq] = row.fetched_by
             else:
                 self._ended.add(row.seq)
                 self.counts[row.outcome] += 1
         self.counts["fetched"] = len(self.items)
-        return await self._execute(record.id, record.started_at, self._run_item_steps)
+        return await self._execute(record.id, record.started_at, self._resume_item_steps)
+
+    async def _resume_item_steps(self) -> None:
+        self._skip_delivered_elsewhere()
+        await self._run_item_steps()
+
+    def _skip_delivered_elsewhere(self) -> None:
+        """Pending items whose key any other run delivered (since this one fetched them) are skipped.
+
+        The run checked the keys when it fetched; a run started while this one lay dead may
+        have delivered them since. Only for fetch steps whose ``only_new`` is in effect, as
+        at the fetch.
+        """
+        assert self.context is not None
+        fetchers = {bound.id: bound for bound in self.workflow.steps if bound.phase is Phase.FETCH}
+
+        def checked(item: Item) -> bool:
+            bound = fetchers.get(self._fetched_by.get(item.seq, ""))
+            return item.key is not None and bound is not None and only_new(bound)
+
+        candidates = [item for item in self.active if checked(item)]
+        if not candidates:
+            return
+        keys = [item.key for item in candidates if item.key is not None]
+        delivered = self.history.delivered_keys(self.workflow.name, keys, other_than=self.context.run_id)
+        for item in candidates:
+            if item.key in delivered:
+                reason = f"already delivered by run {delivered[item.key]} (key {item.key!r})"
+                self._end_item(item, Outcome.SKIPPED, self._fetched_by[item.seq], reason)
+        self.active = [item for item in self.active if item.seq not in self._ended]
 
     async def notify_failure(self, run_id: int) -> RunResult:
         """Run the on_failure steps for a run that ended without its engine (it crashed)."""
@@ -245,40 +287,40 @@ class Run:
         self.context = ctx = RunContext(wf, self.plugins, self.history, info, self.params)
         self.plugins.run_started(RunStarted(info))
         started = time.monotonic()
-        status, error, error_step = "succeeded", None, None
+        status, error, error_step = RunStatus.SUCCEEDED, None, None
         heartbeat = asyncio.create_task(self._heartbeat())
         timeout = wf.spec.timeout.total_seconds() if wf.spec.timeout else None
         try:
             async with asyncio.timeout(timeout):
                 await body()
         except _StopRun as stop:
-            status, error, error_step = "failed", stop.error, stop.step_id
+            status, error, error_step = RunStatus.FAILED, stop.error, stop.step_id
         except TimeoutError:
-            status, error = "timed_out", f"the run exceeded its timeout of {timeout:g}s"
+            status, error = RunStatus.TIMED_OUT, f"the run exceeded its timeout of {timeout:g}s"
         except asyncio.CancelledError:
-            status, error = "interrupted", "the run was interrupted"
+            status, error = RunStatus.INTERRUPTED, "the run was interrupted"
             raise
         except HistoryError as exc:
             # the history could not be written (locked past its retries, read-only): the run
             # stops, and its end is recorded below if the database takes it by then
-            status, error = "failed", f"the run history could not be written: {exc.message}"
+            status, error = RunStatus.FAILED, f"the run history could not be written: {exc.message}"
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             leftover = error or "the run ended before the item was processed"
             for item in self.active:
-                self._end_item(item, "failed", error_step, f"not processed: {leftover}")
-            if status == "succeeded" and self.counts["failed"]:
+                self._end_item(item, Outcome.FAILED, error_step, f"not processed: {leftover}")
+            if status == RunStatus.SUCCEEDED and self.counts["failed"]:
                 assert self._first_failure is not None
                 step_id, reason = self._first_failure
-                status, error_step = "failed", step_id
+                status, error_step = RunStatus.FAILED, step_id
                 error = f"{self.counts['failed']} item(s) failed; first: {reason}"
             error = ctx.redactor.text(error)
             self._record_end(info.id, status, error, error_step)
             duration = time.monotonic() - started
             self.plugins.run_finished(RunFinished(info, status, error, dict(self.counts), duration))
-        if status != "succeeded" and wf.on_failure:
+        if status != RunStatus.SUCCEEDED and wf.on_failure:
             await self._on_failure(status, error, error_step)
         return RunResult(info.id, wf.name, status, error, error_step, dict(self.counts), self.summaries, duration)
 
@@ -292,12 +334,13 @@ class Run:
             raise HistoryError(
                 f"run {run_id} ended {status}{f' ({error})' if error else ''}, but the history could not "
                 f"record it: {exc.message}",
-                hint="the next automator command (or the daemon) finishes the run once the database can be written",
+                hint=f"the next `automator run` of the workflow (or `automator resume {run_id}`, or the daemon) "
+                "finishes the run once the database can be written",
             ) from None
 
     def _close_open_steps(self, run_status: str, error: str | None) -> None:
         """Steps the run's end cut short (a signal, the run's timeout) end with the run."""
-        status = run_status if run_status in ("interrupted", "timed_out") else "failed"
+        status = run_status if run_status in (RunStatus.INTERRUPTED, RunStatus.TIMED_OUT) else StepStatus.FAILED
         for attempt_id, (bound, started, items_in) in list(self._open_steps.items()):
             self._step_finished(
                 bound,
@@ -347,7 +390,7 @@ class Run:
                 if any(s.phase is Phase.DELIVER for s in self.workflow.steps)
                 else ("passed every step (the workflow has no deliver step)")
             )
-            self._end_item(item, "delivered", self.workflow.steps[-1].id, reason, item.data)
+            self._end_item(item, Outcome.DELIVERED, self.workflow.steps[-1].id, reason, item.data)
         self.active = []
 
     def _make_step(self, bound: BoundStep) -> Step[Any]:
@@ -430,7 +473,7 @@ class Run:
                 bound,
                 attempt_id,
                 started,
-                status="failed",
+                status=StepStatus.FAILED,
                 error=error,
                 items_in=0,
                 items_out=0,
@@ -469,7 +512,7 @@ class Run:
             bound,
             attempt_id,
             started,
-            status="succeeded",
+            status=StepStatus.SUCCEEDED,
             error=None,
             items_in=0,
             items_out=len(new_items),
@@ -501,23 +544,25 @@ class Run:
             self.workflow.name,
             [ItemRow(i.seq, i.key, bound.id, ctx.redactor.data(i.data)) for i in items],
         )
-        only_new = bound.spec.only_new if bound.spec.only_new is not None else bound.spec.key is not None
+        new_only = only_new(bound)
         delivered = (
             self.history.delivered_keys(self.workflow.name, [i.key for i in items if i.key is not None])
-            if only_new
+            if new_only
             else {}
         )
         seen: dict[str, int] = {i.key: i.seq for i in self.active if i.key is not None}
         admitted: list[Item] = []
         for item in items:
             if item.seq in key_errors:
-                self._end_item(item, "failed", bound.id, key_errors[item.seq])
+                self._end_item(item, Outcome.FAILED, bound.id, key_errors[item.seq])
             elif item.key is not None and item.key in delivered:
                 self._end_item(
-                    item, "skipped", bound.id, f"already delivered (key {item.key!r}, run {delivered[item.key]})"
+                    item, Outcome.SKIPPED, bound.id, f"already delivered (key {item.key!r}, run {delivered[item.key]})"
                 )
-            elif only_new and item.key is not None and item.key in seen:
-                self._end_item(item, "skipped", bound.id, f"duplicate key {item.key!r} (same as item {seen[item.key]})")
+            elif new_only and item.key is not None and item.key in seen:
+                self._end_item(
+                    item, Outcome.SKIPPED, bound.id, f"duplicate key {item.key!r} (same as item {seen[item.key]})"
+                )
             else:
                 if item.key is not None:
                     seen[item.key] = item.seq
@@ -561,7 +606,7 @@ class Run:
             bound,
             attempt_id,
             started,
-            status="succeeded",
+            status=StepStatus.SUCCEEDED,
             error=None,
             items_in=len(items),
             items_out=items_out,
@@ -595,16 +640,16 @@ class Run:
                 else:
                     result = await caller.call(method, item)
             except SkipItem as signal:
-                self._end_item(item, "skipped", bound.id, signal.reason)
+                self._end_item(item, Outcome.SKIPPED, bound.id, signal.reason)
             except QuarantineItem as signal:
-                self._end_item(item, "quarantined", bound.id, signal.reason, item.data)
+                self._end_item(item, Outcome.QUARANTINED, bound.id, signal.reason, item.data)
             except Exception as exc:  # noqa: BLE001 - the item fails, recorded; the run goes on
                 error = self._timeout_text(exc, caller) or describe_error(exc)
-                self._end_item(item, "failed", bound.id, error, item.data)
+                self._end_item(item, Outcome.FAILED, bound.id, error, item.data)
             else:
                 if bound.phase is Phase.TRANSFORM:
                     if result is None:
-                        self._end_item(item, "skipped", bound.id, f"filtered out by {bound.id}")
+                        self._end_item(item, Outcome.SKIPPED, bound.id, f"filtered out by {bound.id}")
                         return
                     item.data = result if isinstance(result, dict) else {"value": result}
                 item.steps = {**item.steps, bound.id: item.data}
@@ -647,18 +692,18 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - all the step's items fail, recorded
             error = describe_error(exc)
             for item in items:
-                self._end_item(item, "failed", bound.id, error, item.data)
+                self._end_item(item, Outcome.FAILED, bound.id, error, item.data)
             return []
         kept: list[Item] = []
         for item, outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, SkipItem):
-                self._end_item(item, "skipped", bound.id, outcome.reason)
+                self._end_item(item, Outcome.SKIPPED, bound.id, outcome.reason)
             elif isinstance(outcome, QuarantineItem):
-                self._end_item(item, "quarantined", bound.id, outcome.reason, item.data)
+                self._end_item(item, Outcome.QUARANTINED, bound.id, outcome.reason, item.data)
             elif isinstance(outcome, BaseException):
-                self._end_item(item, "failed", bound.id, describe_error(outcome), item.data)
+                self._end_item(item, Outcome.FAILED, bound.id, describe_error(outcome), item.data)
             elif outcome is None:
-                self._end_item(item, "skipped", bound.id, f"filtered out by {bound.id}")
+                self._end_item(item, Outcome.SKIPPED, bound.id, f"filtered out by {bound.id}")
             else:
                 item.data = outcome if isinstance(outcome, dict) else {"value": outcome}
                 item.steps = {**item.steps, bound.id: item.data}
@@ -675,7 +720,7 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - all the batch's items fail, recorded
             error = self._timeout_text(exc, caller) or describe_error(exc)
             for item in items:
-                self._end_item(item, "failed", bound.id, error, item.data)
+                self._end_item(item, Outcome.FAILED, bound.id, error, item.data)
             return []
         kept = []
         for item in items:
@@ -719,9 +764,9 @@ class Run:
                     await caller.call(deliverer.deliver_batch, [notice])
                 else:
                     await caller.call(deliverer.deliver, notice)
-                outcome, problem = "succeeded", None
+                outcome, problem = StepStatus.SUCCEEDED, None
             except Exception as exc:  # noqa: BLE001 - a failed notification is recorded, not raised
-                outcome, problem = "failed", describe_error(exc)
+                outcome, problem = StepStatus.FAILED, describe_error(exc)
             finally:
                 await step.close()
             self._step_finished(
@@ -731,7 +776,7 @@ class Run:
                 status=outcome,
                 error=problem,
                 items_in=1,
-                items_out=1 if outcome == "succeeded" else 0,
+                items_out=1 if outcome == StepStatus.SUCCEEDED else 0,
                 retries=caller.retries,
                 summary=None,
             )

@@ -1,4 +1,9 @@
-"""Writing and reading the run history: the one place that talks SQL."""
+"""Writing and reading the run history: runs, step attempts and the item ledger.
+
+:class:`History` implements :class:`~automator.history.protocols.RunStore` and
+:class:`~automator.history.protocols.LedgerStore`; its :attr:`History.model_calls` is the
+:class:`~automator.history.protocols.ModelCallStore`. Only ``automator.history`` talks SQL.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
@@ -18,10 +23,14 @@ from sqlalchemy.orm import Session, selectinload
 from automator.errors import HistoryError
 from automator.history import db
 from automator.history.models import LedgerItem, ModelCall, Run, StepAttempt
+from automator.history.states import FINAL_OUTCOMES, CallStatus, Outcome, RunStatus, StepStatus
 
-OUTCOMES = ("delivered", "skipped", "quarantined", "failed")
+if TYPE_CHECKING:
+    from automator.history.model_calls import ModelCallHistory
+
+OUTCOMES: tuple[str, ...] = tuple(outcome.value for outcome in FINAL_OUTCOMES)
 # every status a run row can have: `running` until the engine (or recovery) ends it
-RUN_STATUSES = ("running", "succeeded", "failed", "timed_out", "interrupted", "crashed", "skipped")
+RUN_STATUSES: tuple[str, ...] = tuple(status.value for status in RunStatus)
 _COLUMNS = LedgerItem.__table__.c
 COUNT_FIELDS = ("fetched", *OUTCOMES)
 LOCK_RETRIES = 5
@@ -70,6 +79,21 @@ def _executemany(
 
 
 @dataclass(frozen=True)
+class UnfinishedRun:
+    """A run not ended (see :meth:`History.unfinished_runs`) and who owns it."""
+
+    id: int
+    workflow: str
+    version: str
+    path: str | None
+    status: str
+    owner: str | None  # host:pid
+    started_at: datetime
+    heartbeat_at: datetime | None
+    error: str | None  # a crashed run's: why it was found crashed
+
+
+@dataclass(frozen=True)
 class ItemRow:
     seq: int
     key: str | None
@@ -112,6 +136,13 @@ class History:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @property
+    def model_calls(self) -> ModelCallHistory:
+        """The model calls, batch jobs, response cache and costs in this history."""
+        from automator.history.model_calls import ModelCallHistory  # it builds on this module
+
+        return ModelCallHistory(self)
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -184,7 +215,7 @@ class History:
             workflow_version=version,
             workflow_path=path,
             trigger=trigger,
-            status="running",
+            status=RunStatus.RUNNING,
             scheduled_for=scheduled_for,
             started_at=started,
             heartbeat_at=started,
@@ -234,6 +265,47 @@ class History:
 
         self.write(work)
 
+    def unfinished_runs(self, workflow: str | None = None) -> list[UnfinishedRun]:
+        """Runs not ended: ``running``, or ``crashed`` and neither resumed nor failed yet.
+
+        Whether their owner is still at work is for crash recovery to tell
+        (:mod:`automator.engine.recovery`). Optionally only the runs of one workflow.
+        """
+        undecided = (Run.status == RunStatus.CRASHED) & Run.finished_at.is_(None)
+        query = select(
+            Run.id,
+            Run.workflow,
+            Run.workflow_version,
+            Run.workflow_path,
+            Run.status,
+            Run.owner,
+            Run.started_at,
+            Run.heartbeat_at,
+            Run.error,
+        ).where((Run.status == RunStatus.RUNNING) | undecided)
+        if workflow is not None:
+            query = query.where(Run.workflow == workflow)
+        with self._errors(), self.engine.connect() as conn:
+            return [UnfinishedRun(*row) for row in conn.execute(query.order_by(Run.id))]
+
+    def take_crashed_run(self, run_id: int, *, previous_owner: str | None, owner: str) -> bool:
+        """A crashed, undecided run becomes ``owner``'s to resume or fail; False if another got it.
+
+        Atomic, and stamped as alive: two processes never both decide what becomes of a
+        run, and one that took it and died leaves it for the next.
+        """
+
+        def work(conn: Connection) -> bool:
+            query = update(Run).where(
+                Run.id == run_id,
+                Run.status == RunStatus.CRASHED,
+                Run.finished_at.is_(None),
+                Run.owner.is_(None) if previous_owner is None else Run.owner == previous_owner,
+            )
+            return bool(conn.execute(query.values(owner=owner, heartbeat_at=now())).rowcount)
+
+        return self.write(work)
+
     # -- steps ------------------------------------------------------------------------
 
     def start_step(self, run_id: int, *, step_id: str, step_type: str, phase: str, attempt: int, items_in: int) -> int:
@@ -245,7 +317,7 @@ class History:
                     step_type=step_type,
                     phase=phase,
                     attempt=attempt,
-                    status="running",
+                    status=StepStatus.RUNNING,
                     started_at=now(),
                     items_in=items_in,
                 )
@@ -287,7 +359,7 @@ class History:
             return int(
                 conn.execute(
                     update(StepAttempt)
-                    .where(StepAttempt.run_id == run_id, StepAttempt.status == "running")
+                    .where(StepAttempt.run_id == run_id, StepAttempt.status == StepStatus.RUNNING)
                     .values(status=status, error=error, finished_at=now())
                 ).rowcount
             )
@@ -315,7 +387,7 @@ class History:
                         "seq": r.seq,
                         "key": r.key,
                         "fetched_by": r.fetched_by,
-                        "outcome": "pending",
+                        "outcome": Outcome.PENDING,
                         "data": r.data,
                         "updated_at": stamp,
                     }
@@ -392,22 +464,29 @@ class History:
 
         self.write(work)
 
-    def delivered_keys(self, workflow: str, keys: Iterable[str]) -> dict[str, int]:
-        """Which of ``keys`` an earlier run of ``workflow`` delivered, and in which run."""
+    def delivered_keys(self, workflow: str, keys: Iterable[str], *, other_than: int | None = None) -> dict[str, int]:
+        """Which of ``keys`` a run of ``workflow`` delivered, and in which run (the first).
+
+        ``other_than``: not counting that run (a resumed run asks what any other run
+        delivered since it started).
+        """
         wanted = list(dict.fromkeys(keys))
         found: dict[str, int] = {}
         with self._errors(), self.engine.connect() as conn:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
-                rows = conn.execute(
+                query = (
                     select(LedgerItem.key, func.min(LedgerItem.run_id))
                     .where(
                         LedgerItem.workflow == workflow,
-                        LedgerItem.outcome == "delivered",
+                        LedgerItem.outcome == Outcome.DELIVERED,
                         LedgerItem.key.in_(chunk),
                     )
                     .group_by(LedgerItem.key)
                 )
+                if other_than is not None:
+                    query = query.where(LedgerItem.run_id != other_than)
+                rows = conn.execute(query)
                 found.update({key: run_id for key, run_id in rows if key is not None})
         return found
 
@@ -465,7 +544,7 @@ class History:
                 ModelCall.step_id,
                 *_usage_sums(),
             )
-            .where(ModelCall.run_id == run_id, ModelCall.status != "cached")
+            .where(ModelCall.run_id == run_id, ModelCall.status != CallStatus.CACHED)
             .group_by(attempt, ModelCall.step_id)
         )
         usage: dict[int, dict[str, Any]] = {}
@@ -496,7 +575,7 @@ class History:
                 ModelCall.step_id,
                 *_usage_sums(),
             )
-            .where(ModelCall.run_id == run_id, ModelCall.status != "cached")
+            .where(ModelCall.run_id == run_id, ModelCall.status != CallStatus.CACHED)
             .group_by(ModelCall.step_id)
         )
         with self._errors(), self.engine.connect() as conn:

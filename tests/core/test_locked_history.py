@@ -145,7 +145,9 @@ def test_a_lock_that_never_goes_ends_the_run_clearly_and_the_next_command_finish
     assert "history database locked, retrying (5/5)" in done.stderr
     assert "error: run 1 ended failed (the run history could not be written: the history database" in done.stderr
     assert "stayed locked by another program" in done.stderr
-    assert "hint: the next automator command (or the daemon) finishes the run" in done.stderr
+    assert "hint: the next `automator run` of the workflow (or `automator resume 1`, or the daemon) finishes" in (
+        done.stderr
+    )
 
     locker.release()  # the other program is done
     with sqlite3.connect(database) as db:
@@ -153,9 +155,18 @@ def test_a_lock_that_never_goes_ends_the_run_clearly_and_the_next_command_finish
     listed = run_console("--database-url", url, "runs", "--json")
     assert listed.returncode == 0, listed.stderr
     (run,) = json.loads(listed.stdout)
-    assert run["status"] == "crashed"
-    assert "ended without recording the run's end" in run["error"]
+    assert run["status"] == "crashed"  # no command shows it running any more
+    assert "left running by a process that is gone" in run["error"]
+    # the next run of the workflow resumes it (on_crash: resume, the default), then runs anew
+    again = run_console("--database-url", url, "run", str(flow), "--json")
+    assert again.returncode == 0, again.stderr
+    assert "resuming run 1 of notify, left running by a process that is gone" in again.stderr
+    assert "run 1 resumed: succeeded" in again.stderr
     with sqlite3.connect(database) as db:
+        assert db.execute("select id, status, delivered from runs").fetchall() == [
+            (1, "succeeded", ITEMS),
+            (2, "succeeded", 0),  # everything was delivered by run 1
+        ]
         assert db.execute("select count(*) from items where outcome = 'pending'").fetchone() == (0,)
         assert db.execute("select count(*) from step_attempts where status = 'running'").fetchone() == (0,)
-        assert db.execute("select count(*) from items").fetchone() == (ITEMS,)
+        assert db.execute("select count(*) from items where run_id = 1").fetchone() == (ITEMS,)

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -88,6 +89,22 @@ class DaemonProcess:
             return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def housekeeping_rounds(self) -> float:
+        text = httpx.get(f"{self.base}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            if family.name == "automator_housekeeping_rounds":
+                return float(family.samples[0].value)
+        raise AssertionError("the daemon's /metrics has no automator_housekeeping_rounds")
+
+    def wait_rounds(self, rounds: int, what: str) -> None:
+        """Let the daemon's own loop go round ``rounds`` more times: time for something to (not) happen.
+
+        A negative check ("it did not fire again") needs time to pass; waiting on the
+        daemon's rounds ties that time to the daemon's work, not to a guess in seconds.
+        """
+        target = self.housekeeping_rounds() + rounds
+        wait_for(lambda: self.housekeeping_rounds() >= target, 10 + 2 * rounds, what)
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
@@ -164,6 +181,7 @@ class Receiver:
         self.requests: list[tuple[str | None, Any]] = []
         self.applied: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._handling = 0
         server.expect_request("/hook").respond_with_handler(self._handle)
 
     @property
@@ -171,15 +189,29 @@ class Receiver:
         return self.server.url_for("/hook")
 
     def _handle(self, request: Request) -> Response:
-        if self.delay:
-            time.sleep(self.delay)
-        key = request.headers.get("Idempotency-Key")
-        body = request.get_json(silent=True)
         with self._lock:
-            self.requests.append((key, body))
-            if key is not None:
-                self.applied.setdefault(key, body)
-        return Response("ok")
+            self._handling += 1
+        try:
+            if self.delay:
+                time.sleep(self.delay)  # a slow receiver (server side), not a wait in a test
+            key = request.headers.get("Idempotency-Key")
+            body = request.get_json(silent=True)
+            with self._lock:
+                self.requests.append((key, body))
+                if key is not None:
+                    self.applied.setdefault(key, body)
+            return Response("ok")
+        finally:
+            with self._lock:
+                self._handling -= 1
+
+    def idle(self) -> bool:
+        """No request is being handled: one in flight when its sender died has been counted."""
+        with self._lock:
+            return self._handling == 0
+
+    def wait_idle(self) -> None:
+        wait_for(self.idle, 10, "the receiver to finish the requests in flight")
 
     def count(self) -> int:
         with self._lock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -45,8 +44,8 @@ def test_at_fires_once_in_berlin_time_and_not_after_a_restart(
     assert timedelta(0) <= run.started_at - run.scheduled_for < timedelta(seconds=2)
     wait_for(lambda: read_history.get_run(run.id).status == "succeeded", 10, "the run to finish")
 
-    # a few housekeeping polls later it has not fired again (a negative check needs some time)
-    time.sleep(2)
+    # a few housekeeping rounds later it has not fired again
+    daemon.wait_rounds(3, "three housekeeping rounds")
     assert len(read_history.list_runs(workflow="once", limit=10)) == 1
 
     # after a restart: the fire is known as handled, so neither the schedule nor catch_up runs it again
@@ -58,7 +57,7 @@ def test_at_fires_once_in_berlin_time_and_not_after_a_restart(
         10,
         "the restarted daemon to see the `at:` time passed",
     )
-    time.sleep(2)  # a few housekeeping polls: enough for a wrongly dispatched catch-up to show
+    restarted.wait_rounds(3, "three housekeeping rounds: enough for a wrongly dispatched catch-up to show")
     runs = read_history.list_runs(workflow="once", limit=10)
     assert [r.id for r in runs] == [run.id]
     assert restarted.stop() == 0

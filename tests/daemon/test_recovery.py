@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from automator.daemon.store import DaemonStore
+from automator.history.daemon_store import DaemonStore
 from automator.history.store import History
 from tests.daemon.conftest import Receiver, wait_for
 
@@ -67,7 +67,7 @@ on_failure:
     daemon.kill()  # kill -9: no chance to write anything
     assert read_history.get_run(resumed_id).status == "running"
     assert read_history.get_run(failed_id).status == "running"
-    time.sleep(0.5)  # a request in flight at the kill still reaches the receiver
+    receiver.wait_idle()  # a request in flight at the kill still reaches the receiver
     sent_before = {"fails": sent("fails")}
 
     start_daemon()
@@ -97,7 +97,7 @@ on_failure:
     assert "pending" not in outcomes  # every item ended in one outcome
     assert outcomes.count("failed") >= 1
     assert all("not processed" in (i.reason or "") for i in read_history.items(failed_id) if i.outcome == "failed")
-    time.sleep(0.5)
+    receiver.wait_idle()
     assert sent("fails") == sent_before["fails"]  # nothing more was sent for the failed run
     # ... but someone was told, as for any failed run
     notices = wait_for(lambda: [b for _, b in list(receiver.requests) if b["workflow"] == "notice"], 10, "notice")
@@ -162,6 +162,7 @@ def test_catch_up_after_downtime(workflows: Path, write, start_daemon, read_hist
     )
     assert daemon.stop() == 0
     stopped_at = max(r.scheduled_for for r in read_history.list_runs(limit=100))
+    # downtime across three fires of `every: 1s`: missing fires takes wall-clock time, not an event
     time.sleep(3.2)
     restarted = datetime.now(UTC)
     start_daemon()

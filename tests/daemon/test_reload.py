@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from automator.history.store import History
@@ -53,9 +52,10 @@ def test_changed_broken_and_removed_files(workflows: Path, write, start_daemon, 
 
     path.unlink()
     wait_for(lambda: any("removed" in line["message"] for line in daemon.logs()), 5, "the removal")
-    time.sleep(0.5)  # a fire already under way may still finish
+    # a fire already under way may still finish; after that, no new run in three seconds' worth of rounds
+    wait_for(lambda: all(r.status != "running" for r in read_history.list_runs(workflow="flow")), 5, "runs to end")
     count = len(read_history.list_runs(workflow="flow", limit=1000))
-    time.sleep(2.5)
+    daemon.wait_rounds(3, "three housekeeping rounds (the schedule fired every second)")
     assert len(read_history.list_runs(workflow="flow", limit=1000)) == count
 
     # and a new file is picked up without a restart

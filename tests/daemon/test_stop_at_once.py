@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from automator.daemon.store import DaemonStore
+from automator.history.daemon_store import DaemonStore
 from automator.history.store import History
 from tests.daemon.conftest import Receiver, wait_for
 from tests.daemon.test_recovery import POSTING, trigger
@@ -63,7 +63,7 @@ def test_second_sigterm_stops_at_once_and_the_runs_are_recovered(
     assert read_history.get_run(resumed_id).status == "running"
     assert read_history.get_run(failed_id).status == "running"
     assert sent("resumes") < ITEMS and sent("fails") < ITEMS
-    time.sleep(0.5)  # a request in flight at the exit still reaches the receiver
+    receiver.wait_idle()  # a request in flight at the exit still reaches the receiver
     sent_fails = sent("fails")
 
     start_daemon()
