@@ -138,15 +138,6 @@ class DaemonStore:
 
     # -- crash recovery ---------------------------------------------------------------
 
-    def running_runs(self, *, trigger: str | None = None) -> list[RunningRun]:
-        """The runs recorded as ``running`` (only those started by ``trigger``, if given)."""
-        query = select(Run.id, Run.workflow, Run.workflow_version, Run.owner, Run.started_at, Run.heartbeat_at).where(
-            Run.status == RunStatus.RUNNING
-        )
-        if trigger is not None:
-            query = query.where(Run.trigger == trigger)
-        return self.history.read(lambda session: [RunningRun(*row) for row in session.execute(query)])
-
     def mark_crashed(self, run: RunningRun, *, detected_by: str, reason: str) -> bool:
         """running → crashed, if nobody else got there first; records the recovery."""
         with self._errors(), self.engine.begin() as conn:

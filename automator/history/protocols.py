@@ -208,10 +208,6 @@ class SchedulerStore(Protocol):
         """Stamp the runs this process executes as alive (the lease of their owner)."""
         ...
 
-    def running_runs(self, *, trigger: str | None = None) -> list[RunningRun]:
-        """The runs recorded as ``running``, with their owners."""
-        ...
-
     def mark_crashed(self, run: RunningRun, *, detected_by: str, reason: str) -> bool:
         """running → crashed unless someone got there first; records the recovery."""
         ...

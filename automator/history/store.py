@@ -192,7 +192,8 @@ class History:
                     f"the history database {db.safe_url(self.url)} stayed locked by another program "
                     f"for over {waited:g}s ({LOCK_RETRIES} retries): {str(exc.orig).strip() or 'locked'}",
                     hint="close the program that holds it (a sqlite3 shell, a backup); "
-                    "a run it left unfinished is finished by the next automator command",
+                    "a run it left unfinished is resumed by the next `automator run` of its workflow "
+                    "or by `automator resume ID`",
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
