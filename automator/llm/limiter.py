@@ -95,7 +95,12 @@ class Bucket:
         if self.limit is not None:
             self.level -= amount
 
-    def learn(self, limit: int | None, remaining: int | None) -> None:
+    def learn(self, limit: int | None, remaining: int | None, sent_since: float = 0.0) -> None:
+        """Take the server's word: its limit, and what remained of it when it counted a request.
+
+        The API counts a request when it arrives, so the ``remaining`` of an answer does
+        not include the requests sent after that one (``sent_since``); all of them count.
+        """
         if limit is not None and limit > 0 and limit != self.learned:
             first = self.learned is None and self.configured is None
             self.learned = limit
@@ -105,7 +110,7 @@ class Bucket:
                 self.stamp = self.clock()
         if remaining is not None and self.limit is not None:
             self.refill()
-            self.level = min(self.level, float(remaining))
+            self.level = min(self.level, float(remaining) - sent_since)
 
 
 class RateLimiter:
@@ -126,13 +131,16 @@ class RateLimiter:
         self._paused_until = 0.0
         self.waited_s = 0.0
         self.rate_limited = 0  # 429s seen
+        # sent and not yet answered: the server's remaining counts may not include them yet
+        self._in_flight: dict[int, int] = {}  # ticket -> tokens, for requests sent and not yet answered
+        self._tickets = 0
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, tokens: int) -> int:
         """Wait until one request of ``tokens`` fits in both limits.
 
         ``tokens`` is what the API counts against tokens per minute: the prompt's messages
         plus max_tokens (the output schema is billed but not counted). ``waited_s`` adds up
-        the time spent waiting here.
+        the time spent waiting here. Returns the request's ticket for ``done``.
         """
         async with self._lock:  # first come, first served
             while True:
@@ -147,14 +155,27 @@ class RateLimiter:
                 await asyncio.sleep(delay)
             self.requests.take(1)
             self.tokens.take(tokens)
+            self._tickets += 1
+            self._in_flight[self._tickets] = tokens
+            return self._tickets
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn the limits and the server's remaining budget from a response's headers."""
+    def done(self, ticket: int, headers: Mapping[str, str]) -> None:
+        """The request of ``ticket`` was answered (or failed): learn from its headers.
+
+        Every ``acquire`` is paired with one ``done``, whatever became of the request, so
+        the requests sent after this one and still unanswered are known.
+        """
+        self._in_flight.pop(ticket, None)
+        later = [tokens for other, tokens in self._in_flight.items() if other > ticket]
         self.requests.learn(
-            _int_header(headers, "x-ratelimit-limit-requests"), _int_header(headers, "x-ratelimit-remaining-requests")
+            _int_header(headers, "x-ratelimit-limit-requests"),
+            _int_header(headers, "x-ratelimit-remaining-requests"),
+            len(later),
         )
         self.tokens.learn(
-            _int_header(headers, "x-ratelimit-limit-tokens"), _int_header(headers, "x-ratelimit-remaining-tokens")
+            _int_header(headers, "x-ratelimit-limit-tokens"),
+            _int_header(headers, "x-ratelimit-remaining-tokens"),
+            sum(later),
         )
 
     def pause(self, seconds: float) -> None:

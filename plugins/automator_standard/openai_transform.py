@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -314,12 +315,14 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             bound = self.calls.upper_bound(prompt_tokens, cfg.max_output_tokens)
             self.calls.reserve(bound)
             tries += 1
-            await self.limiter.acquire(rate_tokens)
+            ticket = await self.limiter.acquire(rate_tokens)
+            headers: Mapping[str, str] = {}
             try:
                 reply = await complete(client, params)
+                headers = reply.headers
             except CallFailed as failed:
+                headers = failed.headers
                 self.calls.settle(bound, Decimal(0))
-                self.limiter.observe(failed.headers)
                 self.calls.record(
                     item.seq,
                     tries,
@@ -340,7 +343,8 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
                     # everyone waits, not only this item: the limit is the account's
                     self.limiter.pause(failed.retry_after if failed.retry_after is not None else 1.0)
                 raise TransientModelError(failed.message, failed.retry_after) from None
-            self.limiter.observe(reply.headers)
+            finally:
+                self.limiter.done(ticket, headers)
             self.calls.settle(bound, self.calls.cost_of(reply))
             self.calls.stats["calls"] += 1
             return reply

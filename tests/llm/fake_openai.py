@@ -387,11 +387,13 @@ class FakeOpenAI:
         if refused is not None:
             statuses[401] += 1
             return refused
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
         fault = self._fault(body)
         tokens_in, stream = prompt_tokens(body)
+        # counted when it arrives, as the API does: an answer's remaining counts exclude
+        # the requests that arrived after it
         headers, wait = self._rate_limit(rate_limit_tokens(body))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         if fault == "429" or wait > 0:
             statuses[429] += 1
             after = self.retry_after_s if self.retry_after_s is not None else max(wait, 0.05)

@@ -222,3 +222,17 @@ def test_bad_settings_are_found_when_the_file_is_loaded(llm_plugins, tmp_path: P
         load_workflow(path, llm_plugins)
     text = str(caught.value)
     assert message in text and str(path) + ":" in text
+
+
+def test_limits_learned_from_headers_count_the_requests_still_in_flight(
+    fake_openai: FakeOpenAI, run_flow, history
+) -> None:
+    # no rpm: in the step, so the limit is learned from the server's headers; the server
+    # counts a request when it answers it, so its `remaining` does not yet include the
+    # 15 others in flight: a client that took `remaining` at its word sent too many
+    fake_openai.rpm = 240
+    fake_openai.latency_s = 0.05
+    items = [{"text": f"bug {i}"} for i in range(256)]  # a minute's 240, then 16 at 4/s
+    result = run_flow(flow(temperature=0.5, concurrency=16), items)
+    assert result.counts["delivered"] == 256, history.items(result.run_id, ["failed"])[:1]
+    assert fake_openai.statuses[429] == 0
