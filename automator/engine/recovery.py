@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 
 import psutil
 
-from automator.history.daemon_store import RunningRun
 from automator.history.protocols import RunStore, SchedulerStore
 from automator.history.states import RunStatus
 from automator.history.store import UnfinishedRun
@@ -110,8 +109,7 @@ class CrashRecovery:
         run = orphan.run
         if run.status != RunStatus.RUNNING:
             return True
-        running = RunningRun(run.id, run.workflow, run.version, run.owner, run.started_at, run.heartbeat_at)
-        if not self.store.mark_crashed(running, detected_by=self.me, reason=orphan.reason):
+        if not self.store.mark_crashed(run.id, run.owner, detected_by=self.me, reason=orphan.reason):
             return False
         log.warning(
             "run %s of %s crashed: %s",

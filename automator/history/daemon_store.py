@@ -9,7 +9,6 @@ command line's clean-up of abandoned runs) needs, on the same engine. It impleme
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,18 +21,6 @@ from automator.history.states import Outcome, RequestStatus, RunStatus, StepStat
 from automator.history.store import COUNT_FIELDS, History, now
 
 FIRE_TRIGGERS = ("schedule", "catch_up")
-
-
-@dataclass(frozen=True)
-class RunningRun:
-    """A run recorded as ``running``, and who owns it (host:pid)."""
-
-    id: int
-    workflow: str
-    version: str
-    owner: str | None
-    started_at: datetime
-    heartbeat_at: datetime | None
 
 
 class DaemonStore:
@@ -138,21 +125,21 @@ class DaemonStore:
 
     # -- crash recovery ---------------------------------------------------------------
 
-    def mark_crashed(self, run: RunningRun, *, detected_by: str, reason: str) -> bool:
+    def mark_crashed(self, run_id: int, owner: str | None, *, detected_by: str, reason: str) -> bool:
         """running → crashed, if nobody else got there first; records the recovery."""
         with self._errors(), self.engine.begin() as conn:
             changed = conn.execute(
                 update(Run)
-                .where(Run.id == run.id, Run.status == RunStatus.RUNNING, Run.owner == run.owner)
+                .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.owner == owner)
                 .values(status=RunStatus.CRASHED, error=reason)
             ).rowcount
             if changed:
                 conn.execute(
                     insert(RunRecovery).values(
-                        run_id=run.id,
+                        run_id=run_id,
                         detected_at=now(),
                         detected_by=detected_by,
-                        previous_owner=run.owner,
+                        previous_owner=owner,
                         action="detected",
                         reason=reason,
                     )

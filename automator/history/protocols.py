@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from automator.history.daemon_models import TriggerRequest
-    from automator.history.daemon_store import RunningRun
     from automator.history.llm_models import ModelBatch
     from automator.history.model_calls import CallUsage
     from automator.history.models import LedgerItem, Run
@@ -208,7 +207,7 @@ class SchedulerStore(Protocol):
         """Stamp the runs this process executes as alive (the lease of their owner)."""
         ...
 
-    def mark_crashed(self, run: RunningRun, *, detected_by: str, reason: str) -> bool:
+    def mark_crashed(self, run_id: int, owner: str | None, *, detected_by: str, reason: str) -> bool:
         """running → crashed unless someone got there first; records the recovery."""
         ...
 
