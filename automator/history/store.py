@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, selectinload
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from automator.errors import HistoryError
 from automator.history import db
@@ -172,18 +172,25 @@ class History:
             return work(conn)
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
+        def pause(state: RetryCallState) -> float:
+            return min(self.lock_wait * 2 ** (state.attempt_number - 3), self.lock_wait)
+
+        def say(state: RetryCallState) -> None:
+            seconds = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "history database locked, retrying (%d/%d) in %.2gs", state.attempt_number, LOCK_RETRIES, seconds
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(LOCK_RETRIES + 1),
+            wait=pause,
+            retry=retry_if_exception(lambda exc: isinstance(exc, DBAPIError) and db.is_locked(exc)),
+            before_sleep=say,
+            reraise=True,
+        )
         with self._errors():
-            for retry in range(1, LOCK_RETRIES + 1):
-                try:
-                    return attempt()
-                except DBAPIError as exc:
-                    if not db.is_locked(exc):
-                        raise
-                    pause = min(self.lock_wait * 2 ** (retry - 3), self.lock_wait)
-                    log.warning("history database locked, retrying (%d/%d) in %.2gs", retry, LOCK_RETRIES, pause)
-                    time.sleep(pause)
             try:
-                return attempt()
+                return retrying(attempt)
             except DBAPIError as exc:
                 if not db.is_locked(exc):
                     raise
@@ -195,7 +202,6 @@ class History:
                     "a run it left unfinished is resumed by the next `automator run` of its workflow "
                     "or by `automator resume ID`",
                 ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- runs -------------------------------------------------------------------------
 
