@@ -66,11 +66,6 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def only_new(bound: BoundStep) -> bool:
-    """Whether the fetch step passes only items whose key no run delivered (the default with a key)."""
-    return bound.spec.only_new if bound.spec.only_new is not None else bound.spec.key is not None
-
-
 def resolve_params(workflow: Workflow, given: dict[str, Any] | None) -> dict[str, Any]:
     params = dict(workflow.spec.params)
     for name, value in (given or {}).items():
@@ -240,7 +235,7 @@ class Run:
 
         def checked(item: Item) -> bool:
             bound = fetchers.get(self._fetched_by.get(item.seq, ""))
-            return item.key is not None and bound is not None and only_new(bound)
+            return item.key is not None and bound is not None and bound.only_new
 
         candidates = [item for item in self.active if checked(item)]
         if not candidates:
@@ -544,7 +539,7 @@ class Run:
             self.workflow.name,
             [ItemRow(i.seq, i.key, bound.id, ctx.redactor.data(i.data)) for i in items],
         )
-        new_only = only_new(bound)
+        new_only = bound.only_new
         delivered = (
             self.history.delivered_keys(self.workflow.name, [i.key for i in items if i.key is not None])
             if new_only

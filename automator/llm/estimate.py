@@ -105,8 +105,7 @@ async def estimate(
                 if bound.spec.key is not None:
                     item.key = ctx.render_text(bound.spec.key, item)
                 batch.append(item)
-            only_new = bound.spec.only_new if bound.spec.only_new is not None else bound.spec.key is not None
-            delivered = history.delivered_keys(workflow.name, [i.key for i in batch if i.key]) if only_new else {}
+            delivered = history.delivered_keys(workflow.name, [i.key for i in batch if i.key]) if bound.only_new else {}
             already += sum(1 for i in batch if i.key in delivered)
             items.extend(i for i in batch if i.key not in delivered)
     estimates: list[StepEstimate] = []

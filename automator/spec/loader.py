@@ -51,6 +51,11 @@ class BoundStep:
     def phase(self) -> Phase:
         return self.type.phase
 
+    @property
+    def only_new(self) -> bool:
+        """A fetch step passes only items whose key no run delivered (the default with a key)."""
+        return self.spec.only_new if self.spec.only_new is not None else self.spec.key is not None
+
 
 @dataclass
 class Workflow:
