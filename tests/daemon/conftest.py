@@ -175,9 +175,13 @@ def read_history(history_url: str) -> Iterator[History]:
 class Receiver:
     """A webhook receiver that dedupes by idempotency key, as a careful one does."""
 
-    def __init__(self, server: HTTPServer, delay: float = 0.0) -> None:
+    def __init__(self, server: HTTPServer, delay: float = 0.0, *, hold: bool = False) -> None:
         self.server = server
         self.delay = delay
+        # hold: answer nothing until the test sets ``release`` (a run that stays busy on cue)
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
         self.requests: list[tuple[str | None, Any]] = []
         self.applied: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -194,6 +198,7 @@ class Receiver:
         try:
             if self.delay:
                 time.sleep(self.delay)  # a slow receiver (server side), not a wait in a test
+            self.release.wait(30)
             key = request.headers.get("Idempotency-Key")
             body = request.get_json(silent=True)
             with self._lock:

@@ -135,7 +135,7 @@ def test_manual_trigger_reaches_the_running_daemon(
 def test_a_slow_workflow_does_not_delay_another(
     workflows: Path, write, start_daemon, read_history: History, http_server
 ) -> None:
-    slow = Receiver(http_server, delay=3.0)
+    slow = Receiver(http_server, hold=True)  # the slow run stays running until released
     (workflows / "items.jsonl").write_text('{"id": 1}\n')
     write("fast.yaml", TICK.format(name="fast"))
     write(
@@ -162,6 +162,7 @@ def test_a_slow_workflow_does_not_delay_another(
     skipped = runs_of(read_history, "slow", "skipped")
     assert all(r.scheduled_for is not None and "max_active_runs" in (r.error or "") for r in skipped)
     assert len(runs_of(read_history, "slow", "running")) == 1  # one at a time
+    slow.release.set()
 
 
 def test_check_validates_the_folder(workflows: Path, write, history_url: str) -> None:
