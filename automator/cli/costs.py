@@ -1,4 +1,10 @@
-"""``automator costs``: what the model calls cost, per workflow, day or step."""
+"""``automator costs``: what the model calls cost, per workflow, day or step.
+
+``cost`` is what the answered calls cost, exactly. ``+ unconfirmed ≤`` is the most the calls
+without a recorded answer can have cost: those in flight now, and those whose answer a
+crash lost (``unconfirmed``, each at its upper bound). What the provider billed is never
+more than the two together.
+"""
 
 from __future__ import annotations
 
@@ -27,13 +33,21 @@ def _since(text: str) -> timedelta:
         raise ConfigError(f"--since {text!r}: {exc}") from None
 
 
+def _exact(amount: Any) -> str:
+    """Dollars to the nano-dollar as a plain decimal string ("0.000000000", never "0E-9")."""
+    return format(Decimal(str(amount)).quantize(COST_QUANTUM), "f")
+
+
 def cost_rows(store: ModelCallStore, since: timedelta, by: str) -> list[dict[str, Any]]:
-    """Spend since ``now - since``, grouped; cache hits are counted but cost nothing."""
+    """Spend since ``now - since``, grouped; cache hits are counted but cost nothing.
+
+    ``cost_usd``: the answered calls; ``unconfirmed_usd``: the upper bound of the calls sent
+    without an answer recorded (``unconfirmed_calls`` of them, in flight or lost in a crash)."""
     width = 2 if by == "step" else 1  # the group's columns, then the sums
     rows = []
     for row in store.cost_rows(records.since(since), by):
         group = list(row[:width])
-        calls, hits, inp, cached, out, cost = row[width:]
+        calls, hits, inp, cached, out, cost, bound, unconfirmed = row[width:]
         entry: dict[str, Any] = {}
         if by == "step":
             entry["workflow"], entry["step"] = group
@@ -45,7 +59,9 @@ def cost_rows(store: ModelCallStore, since: timedelta, by: str) -> list[dict[str
             input_tokens=int(inp),
             cached_input_tokens=int(cached),
             output_tokens=int(out),
-            cost_usd=str(Decimal(str(cost)).quantize(COST_QUANTUM)),
+            cost_usd=_exact(cost),
+            unconfirmed_calls=int(unconfirmed or 0),
+            unconfirmed_usd=_exact(bound),
         )
         rows.append(entry)
     return rows
@@ -54,10 +70,19 @@ def cost_rows(store: ModelCallStore, since: timedelta, by: str) -> list[dict[str
 @click.command()
 @click.option("--since", "since_text", default="7d", show_default=True, help="How far back: 24h, 7d, 30d, ...")
 @click.option("--by", type=click.Choice(GROUPS), default="workflow", show_default=True, help="Group the spend by.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list; cost_usd is an exact decimal string.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON list; cost_usd and unconfirmed_usd (an upper bound) are exact decimal strings.",
+)
 @click.pass_context
 def costs(ctx: click.Context, since_text: str, by: str, as_json: bool) -> None:
-    """What model calls cost (tokens in, cached, out; USD), per workflow, day or step."""
+    """What model calls cost (tokens in, cached, out; USD), per workflow, day or step.
+
+    "+ unconfirmed ≤" is the most that calls sent without a recorded answer (in flight, or
+    lost in a crash) can have cost: the provider billed at most cost plus that.
+    """
     since = _since(since_text)
     rows = cost_rows(settings(ctx).history().model_calls, since, by)
     if as_json:
@@ -65,11 +90,12 @@ def costs(ctx: click.Context, since_text: str, by: str, as_json: bool) -> None:
         return
     table = Table(title=f"Model spend, last {since_text}", title_justify="left")
     columns = ["workflow", "step"] if by == "step" else [by]
-    for name in (*columns, "calls", "cache hits", "input", "cached", "output", "cost"):
+    for name in (*columns, "calls", "cache hits", "input", "cached", "output", "cost", "+ unconfirmed ≤"):
         table.add_column(name, justify="right" if name not in columns else "left")
-    total = Decimal(0)
+    total = bound = Decimal(0)
     for row in rows:
         total += Decimal(row["cost_usd"])
+        bound += Decimal(row["unconfirmed_usd"])
         table.add_row(
             *(str(row[c]) for c in columns),
             f"{row['calls']:,}",
@@ -78,9 +104,17 @@ def costs(ctx: click.Context, since_text: str, by: str, as_json: bool) -> None:
             f"{row['cached_input_tokens']:,}",
             f"{row['output_tokens']:,}",
             usd(Decimal(row["cost_usd"])),
+            f"{usd(Decimal(row['unconfirmed_usd']))} ({row['unconfirmed_calls']:,})"
+            if row["unconfirmed_calls"]
+            else "",
         )
     if not rows:
         stdout.print(f"no model calls in the last {since_text}", markup=False)
         return
     stdout.print(table)
-    stdout.print(f"total: {usd(total)}", markup=False)
+    if bound:
+        stdout.print(
+            f"total: {usd(total)} + at most {usd(bound)} unconfirmed (sent, answer not recorded)", markup=False
+        )
+    else:
+        stdout.print(f"total: {usd(total)}", markup=False)

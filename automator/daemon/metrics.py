@@ -2,7 +2,10 @@
 
 Counters count from the daemon's start, as Prometheus expects; the run history holds
 the totals. Model usage is read from the history's ``model_calls`` table incrementally
-(by id), so it includes every model call whichever step type made it.
+(by id), so it includes every model call whichever step type made it. A call's row is
+written ``sent`` before its request leaves and gets its result later: such a row is
+counted once, when it has its result (``ok``, ``error``, ``rejected``, or ``unconfirmed`` at
+its upper bound after a crash), and looked at again until then.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class Metrics:
         )
         self.start_time.set(time.time())
         self._model_call_seen: int | None = None
+        self._model_calls_in_flight: set[int] = set()  # rows seen ``sent``: counted when they end
 
     # -- model usage from the history -------------------------------------------------
 
@@ -109,8 +113,13 @@ class Metrics:
         if self._model_call_seen is None:
             self._model_call_seen = store.last_call_id()
             return
-        for call in store.calls_after(self._model_call_seen, limit=10000):
-            self._model_call_seen = call.id
+        again = sorted(self._model_calls_in_flight)
+        for call in store.calls_after(self._model_call_seen, limit=10000, also=again):
+            self._model_call_seen = max(self._model_call_seen, call.id)
+            if call.status == CallStatus.SENT:
+                self._model_calls_in_flight.add(call.id)
+                continue
+            self._model_calls_in_flight.discard(call.id)
             self.model_calls.labels(call.workflow, call.model, call.status).inc()
             if call.status == CallStatus.CACHED:
                 continue  # answered from the response cache: no tokens were paid for

@@ -144,6 +144,8 @@ class CrashRecovery:
             return None
         if not self.history.take_crashed_run(run.id, previous_owner=run.owner, owner=self.me):
             return None
+        # calls sent but never answered in the dead process: the provider may have billed them
+        self.history.model_calls.confirm_lost(run.id)
         why_not = self.why_not_resumed(run, workflow, asked=asked)
         if why_not is not None:
             message = f"the run crashed ({orphan.reason}); not resumed: {why_not}"

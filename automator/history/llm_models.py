@@ -44,11 +44,16 @@ class ModelBatch(Base):
     workflow: Mapped[str] = mapped_column(String(200))
     step_id: Mapped[str] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(100))
-    batch_id: Mapped[str] = mapped_column(String(200), unique=True)
-    input_file_id: Mapped[str] = mapped_column(String(200))
+    # None while the batch is being created: the row is its intent, written before the
+    # create call, so a crash in between is known to the resumed run (see openai_batch)
+    batch_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of the input file, also in the batch's metadata: how a resumed run finds the batch
+    input_sha256: Mapped[str | None] = mapped_column(String(64))
     output_file_id: Mapped[str | None] = mapped_column(String(200))
     error_file_id: Mapped[str | None] = mapped_column(String(200))
-    # submitted | validating | in_progress | finalizing | completed | failed | expired | cancelled | collected
+    # creating (its row written, the create call not yet answered) | submitted | validating |
+    # in_progress | finalizing | completed | failed | expired | cancelled | collected
     status: Mapped[str] = mapped_column(String(20))
     request_count: Mapped[int] = mapped_column(default=0)
     # custom_id -> cache key of each request, so results land in the response cache

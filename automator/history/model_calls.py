@@ -1,9 +1,12 @@
 """The SQL of model calls, cached responses, batch jobs and what they cost.
 
 :class:`ModelCallHistory` implements :class:`automator.history.protocols.ModelCallStore` on a
-:class:`~automator.history.store.History`. The queueing of call rows (written together,
-off the event loop) is :class:`automator.llm.records.CallRecorder`'s; the statements are
-here.
+:class:`~automator.history.store.History`. Model calls are written ahead: a row (``sent``,
+with the most the request can cost) is committed before the request leaves, and its usage,
+exact cost and status — with the answer's cache entry, in the same transaction — before the
+answer is handed on. Writes made while a run goes on use :meth:`History.commit`, so the
+calls of concurrent items share commits. A ``sent`` row whose answer a crash lost becomes
+``unconfirmed`` at its upper bound (:meth:`ModelCallHistory.confirm_lost`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, insert, select, update
+from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
 
 from automator.history.db import inserted_id
 from automator.history.llm_models import CachedResponse, ModelBatch
@@ -56,19 +59,68 @@ class ModelCallHistory:
 
     def cached_response(self, key: str, *, count_hit: bool = True) -> dict[str, Any] | None:
         """A stored answer for this request, counting the hit."""
+        # a locked database is waited out, as for every history write
+        return self.history.write(lambda conn: _cached(conn, key, count_hit=count_hit, run_id=None))
 
-        def lookup(conn: Connection) -> dict[str, Any] | None:
-            row = conn.execute(select(CachedResponse.response).where(CachedResponse.key == key)).first()
-            if row is None or not count_hit:
-                return None if row is None else dict(row[0])
-            conn.execute(
-                update(CachedResponse)
-                .where(CachedResponse.key == key)
-                .values(hits=CachedResponse.hits + 1, last_hit_at=now())
+    async def lookup(self, key: str, *, run_id: int | None = None) -> dict[str, Any] | None:
+        """A stored answer for this request (counting the hit), sharing a commit with the run's writes.
+
+        ``run_id``: only an answer that run's own calls paid for (a resumed run whose step
+        does not read the cache still must not pay twice for what it was answered before).
+        """
+        return await self.history.commit(lambda conn: _cached(conn, key, count_hit=True, run_id=run_id))
+
+    async def call_sent(self, **fields: Any) -> int:
+        """Write a call's row before its request leaves (status ``sent``); its id once durable."""
+        fields.setdefault("created_at", now())
+        fields.setdefault("status", CallStatus.SENT)
+        return await self.history.commit(lambda conn: inserted_id(conn.execute(insert(ModelCall).values(**fields))))
+
+    async def call_ended(self, call_id: int | None, fields: dict[str, Any], cache: dict[str, Any] | None = None) -> int:
+        """A call's result (its ``sent`` row updated, or a new row when ``call_id`` is None) and
+        the answer's cache entry, in one transaction; returns once it is durable."""
+
+        def work(conn: Connection) -> int:
+            if call_id is None:
+                row_id = inserted_id(conn.execute(insert(ModelCall).values(created_at=now(), **fields)))
+            else:
+                conn.execute(update(ModelCall).where(ModelCall.id == call_id).values(**fields))
+                row_id = call_id
+            if cache is not None:
+                _insert_cache(conn, [cache])
+            return row_id
+
+        return await self.history.commit(work)
+
+    async def store_answer(self, cache: dict[str, Any]) -> None:
+        """An answer into the response cache (kept if one is there already)."""
+        await self.history.commit(lambda conn: _insert_cache(conn, [cache]))
+
+    def confirm_lost(self, run_id: int, *, step_id: str | None = None) -> int:
+        """The run's calls still ``sent`` become ``unconfirmed``, costed at their upper bound; how many.
+
+        Called when nobody can receive those answers any more: crash recovery, before the
+        run is resumed or ended (and a step that ends with calls still open, for its own).
+        The provider may have billed them; the bound keeps the reported cost from falling
+        below what was paid.
+        """
+        condition = and_(ModelCall.run_id == run_id, ModelCall.status == CallStatus.SENT)
+        if step_id is not None:
+            condition = and_(condition, ModelCall.step_id == step_id)
+
+        def work(conn: Connection) -> int:
+            result = conn.execute(
+                update(ModelCall)
+                .where(condition)
+                .values(
+                    status=CallStatus.UNCONFIRMED,
+                    cost_usd=func.coalesce(ModelCall.cost_bound_usd, 0),
+                    error="sent, but the answer was lost (the process ended first); costed at its upper bound",
+                )
             )
-            return dict(row[0])
+            return int(result.rowcount or 0)
 
-        return self.history.write(lookup)  # a locked database is waited out, as for every history write
+        return self.history.write(work)
 
     # -- batches ------------------------------------------------------------------------
 
@@ -109,16 +161,21 @@ class ModelCallHistory:
     # -- costs --------------------------------------------------------------------------
 
     def spent_since(self, workflow: str, since: datetime) -> Decimal:
-        """What a workflow's model calls cost since a moment (for the daily budget)."""
-        query = select(func.coalesce(func.sum(ModelCall.cost_usd), 0)).where(
-            ModelCall.workflow == workflow, ModelCall.created_at >= since
-        )
+        """What a workflow's model calls cost since a moment (for the daily budget); calls in
+        flight (``sent``) count at their upper bound, as unconfirmed ones do."""
+        in_flight = ModelCall.status == CallStatus.SENT
+        query = select(
+            func.coalesce(func.sum(case((in_flight, ModelCall.cost_bound_usd), else_=ModelCall.cost_usd)), 0)
+        ).where(ModelCall.workflow == workflow, ModelCall.created_at >= since)
         with self._errors(), self.history.engine.connect() as conn:
             return Decimal(str(conn.execute(query).scalar_one()))
 
     def cost_rows(self, since: datetime, by: str) -> list[tuple[Any, ...]]:
         """Spend since a moment grouped ``by`` workflow, day or step: the group's columns, then
-        calls, cache hits, tokens in / cached / out and cost. Cache hits cost nothing."""
+        calls, cache hits, tokens in / cached / out, cost, and the upper bound and count of the calls
+        whose answer is not recorded (``sent`` ones in flight and ``unconfirmed`` ones a crash lost).
+
+        What the provider billed is at most cost + bound. Cache hits cost nothing."""
         if self.history.engine.dialect.name == "sqlite":
             day_column = func.strftime("%Y-%m-%d", ModelCall.created_at)
         else:
@@ -130,6 +187,7 @@ class ModelCallHistory:
         }
         keys = groupings[by]
         is_cached = ModelCall.status == CallStatus.CACHED
+        unanswered = ModelCall.status.in_((CallStatus.SENT, CallStatus.UNCONFIRMED))
         query = (
             select(
                 *keys,
@@ -138,7 +196,9 @@ class ModelCallHistory:
                 func.coalesce(func.sum(ModelCall.input_tokens), 0),
                 func.coalesce(func.sum(ModelCall.cached_input_tokens), 0),
                 func.coalesce(func.sum(ModelCall.output_tokens), 0),
-                func.coalesce(func.sum(ModelCall.cost_usd), 0),
+                func.coalesce(func.sum(case((unanswered, 0), else_=ModelCall.cost_usd)), 0),
+                func.coalesce(func.sum(case((unanswered, func.coalesce(ModelCall.cost_bound_usd, 0)), else_=0)), 0),
+                func.sum(case((unanswered, 1), else_=0)),
             )
             .where(ModelCall.created_at >= since)
             .group_by(*keys)
@@ -152,8 +212,12 @@ class ModelCallHistory:
         with self._errors(), self.history.engine.connect() as conn:
             return int(conn.execute(select(func.coalesce(func.max(ModelCall.id), 0))).scalar() or 0)
 
-    def calls_after(self, call_id: int, *, limit: int = 10000) -> list[CallUsage]:
-        """The model calls recorded after ``call_id``, oldest first, at most ``limit``."""
+    def calls_after(self, call_id: int, *, limit: int = 10000, also: Sequence[int] = ()) -> list[CallUsage]:
+        """The model calls recorded after ``call_id``, oldest first, at most ``limit``; and the
+        calls ``also`` names (rows seen ``sent`` before, looked at again for their result)."""
+        wanted = ModelCall.id > call_id
+        if also:
+            wanted = or_(wanted, ModelCall.id.in_(list(also)))
         query = (
             select(
                 ModelCall.id,
@@ -165,9 +229,9 @@ class ModelCallHistory:
                 ModelCall.output_tokens,
                 ModelCall.cost_usd,
             )
-            .where(ModelCall.id > call_id)
+            .where(wanted)
             .order_by(ModelCall.id)
-            .limit(limit)
+            .limit(limit + len(also))
         )
         with self._errors(), self.history.engine.connect() as conn:
             return [CallUsage(*row) for row in conn.execute(query)]
@@ -199,9 +263,33 @@ def _insert_calls(conn: Connection, calls: list[dict[str, Any]], cache: list[dic
     # one transaction, tried again whole by History.write when the database is locked
     if calls:
         conn.execute(insert(ModelCall), calls)
-    if cache:
-        keys = [row["key"] for row in cache]
-        existing = set(conn.scalars(select(CachedResponse.key).where(CachedResponse.key.in_(keys))))
-        fresh = [row for row in cache if row["key"] not in existing]
-        if fresh:
-            conn.execute(insert(CachedResponse), fresh)
+    _insert_cache(conn, cache)
+
+
+def _insert_cache(conn: Connection, cache: list[dict[str, Any]]) -> None:
+    if not cache:
+        return
+    keys = [row["key"] for row in cache]
+    existing = set(conn.scalars(select(CachedResponse.key).where(CachedResponse.key.in_(keys))))
+    fresh = [row for row in cache if row["key"] not in existing]
+    if fresh:
+        conn.execute(insert(CachedResponse), fresh)
+
+
+def _cached(conn: Connection, key: str, *, count_hit: bool, run_id: int | None) -> dict[str, Any] | None:
+    query = select(CachedResponse.response).where(CachedResponse.key == key)
+    if run_id is not None:
+        paid_here = select(ModelCall.id).where(
+            ModelCall.run_id == run_id, ModelCall.request_key == key, ModelCall.status == CallStatus.OK
+        )
+        query = query.where(paid_here.exists())
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    if count_hit:
+        conn.execute(
+            update(CachedResponse)
+            .where(CachedResponse.key == key)
+            .values(hits=CachedResponse.hits + 1, last_hit_at=now())
+        )
+    return dict(row[0])

@@ -114,6 +114,34 @@ class LedgerItem(Base):
     result: Mapped[Any | None] = mapped_column(JSON)  # the item as it ended (delivered or quarantined)
     # deliver steps the item passed while still pending: a resumed run does not send it again
     delivered_by: Mapped[list[str] | None] = mapped_column(JSON)
+    # write-ahead: the deliver step whose delivery of the item has left (or is about to) and
+    # whose result is not recorded yet; a crash leaves it set, and the resumed run sends
+    # again with the same idempotency key
+    sending: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime | None]
+
+
+class Chunk(Base):
+    """A chunk of a run's items (consecutive seqs): the unit of work and of recovery.
+
+    Whoever works on a chunk holds its lease (``owner`` until ``lease_until``); a claim is
+    one ``UPDATE … WHERE`` the chunk is open and its lease free or expired, so a second
+    claim of the same chunk does nothing.
+    """
+
+    __tablename__ = "chunks"
+    __table_args__ = (UniqueConstraint("run_id", "seq", name="uq_chunks_run_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    seq: Mapped[int]  # the chunk's number in its run
+    first_item: Mapped[int]  # items first_item .. first_item + size - 1
+    size: Mapped[int]
+    fetched_by: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))  # open | done
+    owner: Mapped[str | None] = mapped_column(String(200))  # host:pid holding the lease
+    lease_until: Mapped[datetime | None]
+    claims: Mapped[int] = mapped_column(default=0)  # how many times it was taken (1 = never resumed)
     updated_at: Mapped[datetime | None]
 
 
@@ -130,13 +158,20 @@ class ModelCall(Base):
     attempt: Mapped[int] = mapped_column(default=1)
     model: Mapped[str] = mapped_column(String(100))
     mode: Mapped[str] = mapped_column(String(20), default="sync")  # sync | batch | cache
-    status: Mapped[str] = mapped_column(String(20))  # ok | error | cached
+    # sent (written before the request leaves) -> ok | error | rejected; cached; unconfirmed
+    # (the answer was lost in a crash). See automator.history.states.CallStatus.
+    status: Mapped[str] = mapped_column(String(20))
     input_tokens: Mapped[int] = mapped_column(default=0)
     cached_input_tokens: Mapped[int] = mapped_column(default=0)
     output_tokens: Mapped[int] = mapped_column(default=0)
+    # exact once answered; an unconfirmed call's is its upper bound (what it may have cost)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 9), default=Decimal(0))
+    # the most the request can cost (prompt estimate, every output token used), known before it leaves
+    cost_bound_usd: Mapped[Decimal | None] = mapped_column(Numeric(18, 9))
     latency_ms: Mapped[int | None]
     request_id: Mapped[str | None] = mapped_column(String(200))
+    # the response cache's key of the request: a resumed run finds the answers it already paid for
+    request_key: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     prompt: Mapped[Any | None] = mapped_column(JSON)
     response: Mapped[Any | None] = mapped_column(JSON)

@@ -12,7 +12,7 @@ Each protocol lists exactly the methods used outside ``automator.history``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from automator.history.llm_models import ModelBatch
     from automator.history.model_calls import CallUsage
     from automator.history.models import LedgerItem, Run
+    from automator.history.rows import ChunkRow, ItemRow, OutcomeRow
     from automator.history.states import RequestStatus, RunStatus, StepStatus
-    from automator.history.store import ItemRow, OutcomeRow, UnfinishedRun
+    from automator.history.store import UnfinishedRun
 
 
 class RunStore(Protocol):
@@ -69,6 +70,32 @@ class RunStore(Protocol):
         """Record how a step attempt ended."""
         ...
 
+    async def step_started(
+        self, run_id: int, *, step_id: str, step_type: str, phase: str, attempt: int, items_in: int
+    ) -> int:
+        """A step attempt starting, in a shared commit off the event loop; its row id once durable."""
+        ...
+
+    def step_finished_now(self, attempt_id: int, **fields: Any) -> None:
+        """A step attempt's end (status, error, items_in, items_out, retries, summary), after the
+        writes queued before it; waits in place."""
+        ...
+
+    async def save_counts(self, run_id: int, counts: dict[str, int]) -> None:
+        """The run's counts so far (and a heartbeat), in a shared commit."""
+        ...
+
+    def run_finished_now(
+        self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
+    ) -> None:
+        """The run's end, after the writes queued before it; waits in place."""
+        ...
+
+    @property
+    def ledger(self) -> WriteAheadLedger:
+        """The chunks and items of runs, written ahead while a run goes on."""
+        ...
+
     def unfinished_runs(self, workflow: str | None = None) -> list[UnfinishedRun]:
         """Runs not ended: ``running``, or ``crashed`` and neither resumed nor failed yet."""
         ...
@@ -87,6 +114,11 @@ class RunStore(Protocol):
 
     def get_run(self, run_id: int) -> Run | None:
         """One run with its step attempts, or None."""
+        ...
+
+    @property
+    def model_calls(self) -> ModelCallStore:
+        """The model calls of the runs (crash recovery confirms the ones a crash lost)."""
         ...
 
     def model_usage_by_attempt(self, run_id: int) -> dict[int, dict[str, Any]]:
@@ -122,6 +154,75 @@ class LedgerStore(Protocol):
         ...
 
 
+class WriteAheadLedger(Protocol):
+    """A run's chunks and items while it goes on: each async method returns once its write is
+    durable (concurrent writes share a commit); a chunk is held by one owner at a time."""
+
+    async def add_chunk(
+        self, run_id: int, workflow: str, chunk: ChunkRow, items: Sequence[ItemRow], lease: timedelta
+    ) -> None:
+        """A new chunk and its items, ``pending``, held by ``chunk.owner`` for ``lease``."""
+        ...
+
+    async def claim(self, run_id: int, seq: int, owner: str, lease: timedelta) -> bool:
+        """Take an open chunk whose lease is free or over; False (and nothing done) otherwise."""
+        ...
+
+    async def renew(self, run_id: int, owner: str, lease: timedelta) -> None:
+        """Extend the leases ``owner`` holds on the run's open chunks."""
+        ...
+
+    async def release(self, run_id: int, owner: str | None = None) -> int:
+        """End the leases on the run's open chunks (of a dead owner); how many."""
+        ...
+
+    async def cover(self, run_id: int, size: int) -> int:
+        """Chunks for pending items no chunk holds (a run recorded before chunks); how many made."""
+        ...
+
+    async def sending(self, run_id: int, step_id: str, seqs: Sequence[int]) -> None:
+        """A delivery's intent: these items are on their way by ``step_id``."""
+        ...
+
+    async def passed(self, run_id: int, rows: Sequence[tuple[int, list[str]]]) -> None:
+        """A delivery's result for items still pending: the deliver steps each has passed."""
+        ...
+
+    async def ended(self, run_id: int, rows: Sequence[OutcomeRow]) -> None:
+        """Items' outcomes."""
+        ...
+
+    async def finish_chunk(self, run_id: int, seq: int, rows: Sequence[OutcomeRow]) -> None:
+        """A chunk's last outcomes and its end, in one transaction."""
+        ...
+
+    def finish_chunk_now(self, run_id: int, seq: int, rows: Sequence[OutcomeRow]) -> None:
+        """As ``finish_chunk``, waiting in place (the run's end)."""
+        ...
+
+    def counts(self, run_id: int) -> dict[str, int]:
+        """``fetched`` and how many items ended each way."""
+        ...
+
+    def open_chunks(self, run_id: int) -> list[ChunkRow]:
+        """The run's chunks not done, in order."""
+        ...
+
+    def chunk_rows(self, run_id: int) -> list[ChunkRow]:
+        """Every chunk of the run, in order."""
+        ...
+
+    def chunk_items(self, run_id: int, chunk: ChunkRow) -> list[Any]:
+        """A chunk's pending items: (seq, key, data, delivered_by, sending)."""
+        ...
+
+    def repeats(
+        self, run_id: int, workflow: str, keys: Sequence[str], *, delivered: bool
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """For a new chunk's keys: the run that delivered each (if asked), and this run's first item with each."""
+        ...
+
+
 class ModelCallStore(Protocol):
     """Model calls, batch jobs, the response cache and what the calls cost."""
 
@@ -131,6 +232,26 @@ class ModelCallStore(Protocol):
 
     def cached_response(self, key: str, *, count_hit: bool = True) -> dict[str, Any] | None:
         """The stored answer to an identical request (counting the hit), or None."""
+        ...
+
+    async def lookup(self, key: str, *, run_id: int | None = None) -> dict[str, Any] | None:
+        """As ``cached_response``, in a shared commit; ``run_id``: only an answer that run paid for."""
+        ...
+
+    async def call_sent(self, **fields: Any) -> int:
+        """A call's row, ``sent``, durable before its request leaves; its id."""
+        ...
+
+    async def call_ended(self, call_id: int | None, fields: dict[str, Any], cache: dict[str, Any] | None = None) -> int:
+        """A call's result (and its answer's cache entry) durable in one commit; the row's id."""
+        ...
+
+    async def store_answer(self, cache: dict[str, Any]) -> None:
+        """An answer into the response cache, durable (kept if one is there already)."""
+        ...
+
+    def confirm_lost(self, run_id: int, *, step_id: str | None = None) -> int:
+        """The run's ``sent`` calls become ``unconfirmed`` at their upper bound; how many."""
         ...
 
     def add_batch(self, **fields: Any) -> int:
@@ -154,15 +275,15 @@ class ModelCallStore(Protocol):
         ...
 
     def cost_rows(self, since: datetime, by: str) -> list[tuple[Any, ...]]:
-        """Spend since a moment per workflow, day or step: group, calls, hits, tokens, cost."""
+        """Spend since a moment per workflow, day or step: group, calls, hits, tokens, cost, unconfirmed bound."""
         ...
 
     def last_call_id(self) -> int:
         """The newest model call's id (0 when there is none)."""
         ...
 
-    def calls_after(self, call_id: int, *, limit: int = 10000) -> list[CallUsage]:
-        """The model calls recorded after ``call_id``, oldest first."""
+    def calls_after(self, call_id: int, *, limit: int = 10000, also: Sequence[int] = ()) -> list[CallUsage]:
+        """The model calls recorded after ``call_id`` (and the ones ``also`` names), oldest first."""
         ...
 
     def delivered_prompts(self, workflow: str, step_id: str) -> list[tuple[Any, Any]]:
@@ -273,6 +394,9 @@ if TYPE_CHECKING:
 
     def _history_is_a_ledger_store(history: History) -> LedgerStore:
         return history
+
+    def _ledger_is_a_write_ahead_ledger(history: History) -> WriteAheadLedger:
+        return history.ledger
 
     def _model_calls_are_a_model_call_store(calls: ModelCallHistory) -> ModelCallStore:
         return calls

@@ -53,8 +53,10 @@ FINAL_OUTCOMES: tuple[Outcome, ...] = (Outcome.DELIVERED, Outcome.SKIPPED, Outco
 
 
 class CallStatus(StrEnum):
-    """How a model call ended."""
+    """Where a model call is: ``sent`` from just before its request leaves until its answer is recorded."""
 
+    SENT = "sent"  # the request left (or is about to): its cost is at most cost_bound_usd
+    UNCONFIRMED = "unconfirmed"  # sent, and the answer was lost in a crash: costed at its upper bound
     OK = "ok"
     ERROR = "error"
     REJECTED = "rejected"  # answered, but the answer failed validation (or was a refusal)
@@ -69,3 +71,10 @@ class RequestStatus(StrEnum):
     STARTED = "started"
     REJECTED = "rejected"
     CANCELLED = "cancelled"
+
+
+class ChunkStatus(StrEnum):
+    """A chunk of a run's items: open until every item in it has its outcome."""
+
+    OPEN = "open"
+    DONE = "done"

@@ -7,22 +7,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, selectinload
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from automator.errors import HistoryError
 from automator.history import db
+from automator.history import ledger as works
+from automator.history.group_commit import GroupCommit
 from automator.history.models import LedgerItem, ModelCall, Run, StepAttempt
+from automator.history.rows import ItemRow, OutcomeRow, now
 from automator.history.states import FINAL_OUTCOMES, CallStatus, Outcome, RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -31,51 +34,10 @@ if TYPE_CHECKING:
 OUTCOMES: tuple[str, ...] = tuple(outcome.value for outcome in FINAL_OUTCOMES)
 # every status a run row can have: `running` until the engine (or recovery) ends it
 RUN_STATUSES: tuple[str, ...] = tuple(status.value for status in RunStatus)
-_COLUMNS = LedgerItem.__table__.c
 COUNT_FIELDS = ("fetched", *OUTCOMES)
 LOCK_RETRIES = 5
 T = TypeVar("T")
 log = logging.getLogger("automator.history")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode  # built once: it is per item
-
-
-def _db_json(value: Any) -> str:
-    return _JSON(value)
-
-
-def _sqlite_datetime(value: datetime) -> str:
-    # what UTCDateTime stores on SQLite: naive UTC text
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _executemany(
-    conn: Connection,
-    statement: Any,
-    rows: list[dict[str, Any]],
-    *,
-    json_keys: tuple[str, ...] = (),
-    time_keys: tuple[str, ...] = (),
-) -> None:
-    """Many rows at once. On SQLite, straight to the driver with the values converted here
-    (SQLAlchemy's per-row parameter handling cost more than the database); elsewhere, Core."""
-    if conn.dialect.name != "sqlite":
-        conn.execute(statement, rows)
-        return
-    for row in rows:
-        for key in json_keys:
-            if row[key] is not None:
-                row[key] = _db_json(row[key])
-        for key in time_keys:
-            row[key] = _sqlite_datetime(row[key])
-    compiled = statement.compile(dialect=conn.dialect, column_keys=list(rows[0]))
-    names = compiled.positiontup or []
-    conn.exec_driver_sql(compiled.string, [tuple(row[n] for n in names) for row in rows])
 
 
 @dataclass(frozen=True)
@@ -91,23 +53,6 @@ class UnfinishedRun:
     started_at: datetime
     heartbeat_at: datetime | None
     error: str | None  # a crashed run's: why it was found crashed
-
-
-@dataclass(frozen=True)
-class ItemRow:
-    seq: int
-    key: str | None
-    fetched_by: str
-    data: Any
-
-
-@dataclass(frozen=True)
-class OutcomeRow:
-    seq: int
-    outcome: str
-    step_id: str | None
-    reason: str | None
-    result: Any = None
 
 
 def _usage_sums() -> tuple[Any, ...]:
@@ -133,9 +78,24 @@ class History:
         if auto_upgrade is None:
             auto_upgrade = db.is_embedded(self.url)
         db.ensure_schema(self.engine, auto_upgrade=auto_upgrade)
+        self._group = GroupCommit(self)
 
     def close(self) -> None:
+        self._group.close()
         self.engine.dispose()
+
+    async def commit(self, work: Callable[[Connection], T]) -> T:
+        """``work`` in a transaction on the writer thread, shared with the writes queued meanwhile.
+
+        The one way the engine writes while a run goes on: the event loop does not wait on
+        the database, and concurrent writes share one commit (see :mod:`.group_commit`).
+        A locked database is retried as :meth:`write` retries it.
+        """
+        return await self._group.commit(work)
+
+    def submit(self, work: Callable[[Connection], T]) -> Future[T]:
+        """Queue ``work`` for the writer thread without waiting (a write the caller checks later)."""
+        return self._group.submit(work)
 
     @property
     def model_calls(self) -> ModelCallHistory:
@@ -164,6 +124,15 @@ class History:
         def attempt() -> T:
             with self.session() as session:
                 return work(session)
+
+        return self._retrying(attempt)
+
+    def connect(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` (reads) on a connection; a locked database is retried."""
+
+        def attempt() -> T:
+            with self.engine.connect() as conn:
+                return work(conn)
 
         return self._retrying(attempt)
 
@@ -251,26 +220,61 @@ class History:
     def finish_run(
         self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
     ) -> None:
+        self.write(self.finish_run_work(run_id, status=status, error=error, error_step=error_step, counts=counts))
+
+    @staticmethod
+    def finish_run_work(
+        run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
+    ) -> Callable[[Connection], None]:
         values = {k: counts.get(k, 0) for k in COUNT_FIELDS}
 
-        def work(conn: Connection) -> Any:
+        def work(conn: Connection) -> None:
             conn.execute(
                 update(Run)
                 .where(Run.id == run_id)
                 .values(status=status, error=error, error_step=error_step, finished_at=now(), **values)
             )
 
-        self.write(work)
+        return work
 
     def update_counts(self, run_id: int, counts: dict[str, int]) -> None:
-        def work(conn: Connection) -> Any:
-            conn.execute(
-                update(Run)
-                .where(Run.id == run_id)
-                .values(heartbeat_at=now(), **{k: counts.get(k, 0) for k in COUNT_FIELDS})
-            )
+        self.write(self.counts_work(run_id, counts))
 
-        self.write(work)
+    @staticmethod
+    def counts_work(run_id: int, counts: dict[str, int]) -> Callable[[Connection], None]:
+        values = {k: counts.get(k, 0) for k in COUNT_FIELDS}
+
+        def work(conn: Connection) -> None:
+            conn.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=now(), **values))
+
+        return work
+
+    # -- written ahead while a run goes on: through the writer thread (see commit) ----
+
+    async def step_started(
+        self, run_id: int, *, step_id: str, step_type: str, phase: str, attempt: int, items_in: int
+    ) -> int:
+        """As :meth:`start_step`, in a shared commit; the row's id once durable."""
+        work = self.start_step_work(
+            run_id, step_id=step_id, step_type=step_type, phase=phase, attempt=attempt, items_in=items_in
+        )
+        return await self.commit(work)
+
+    def step_finished_now(self, attempt_id: int, **fields: Any) -> None:
+        """As :meth:`finish_step` (``items_in`` too), after the writes queued before it; waits in place
+        (it may be the run's end, while the run is being cancelled)."""
+        self.submit(self.finish_step_work(attempt_id, **fields)).result()
+
+    async def save_counts(self, run_id: int, counts: dict[str, int]) -> None:
+        """As :meth:`update_counts`, in a shared commit."""
+        await self.commit(self.counts_work(run_id, counts))
+
+    def run_finished_now(
+        self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
+    ) -> None:
+        """As :meth:`finish_run`, after the writes queued before it; waits in place."""
+        work = self.finish_run_work(run_id, status=status, error=error, error_step=error_step, counts=counts)
+        self.submit(work).result()
 
     def unfinished_runs(self, workflow: str | None = None) -> list[UnfinishedRun]:
         """Runs not ended: ``running``, or ``crashed`` and neither resumed nor failed yet.
@@ -316,7 +320,17 @@ class History:
     # -- steps ------------------------------------------------------------------------
 
     def start_step(self, run_id: int, *, step_id: str, step_type: str, phase: str, attempt: int, items_in: int) -> int:
-        def work(conn: Connection) -> Any:
+        return self.write(
+            self.start_step_work(
+                run_id, step_id=step_id, step_type=step_type, phase=phase, attempt=attempt, items_in=items_in
+            )
+        )
+
+    @staticmethod
+    def start_step_work(
+        run_id: int, *, step_id: str, step_type: str, phase: str, attempt: int, items_in: int
+    ) -> Callable[[Connection], int]:
+        def work(conn: Connection) -> int:
             result = conn.execute(
                 insert(StepAttempt).values(
                     run_id=run_id,
@@ -331,7 +345,7 @@ class History:
             )
             return db.inserted_id(result)
 
-        return self.write(work)
+        return work
 
     def finish_step(
         self,
@@ -343,21 +357,38 @@ class History:
         retries: int = 0,
         summary: str | None = None,
     ) -> None:
-        def work(conn: Connection) -> Any:
-            conn.execute(
-                update(StepAttempt)
-                .where(StepAttempt.id == attempt_id)
-                .values(
-                    status=status,
-                    error=error,
-                    items_out=items_out,
-                    retries=retries,
-                    summary=summary,
-                    finished_at=now(),
-                )
+        self.write(
+            self.finish_step_work(
+                attempt_id, status=status, error=error, items_out=items_out, retries=retries, summary=summary
             )
+        )
 
-        self.write(work)
+    @staticmethod
+    def finish_step_work(
+        attempt_id: int,
+        *,
+        status: str,
+        error: str | None = None,
+        items_in: int | None = None,
+        items_out: int = 0,
+        retries: int = 0,
+        summary: str | None = None,
+    ) -> Callable[[Connection], None]:
+        values: dict[str, Any] = {
+            "status": status,
+            "error": error,
+            "items_out": items_out,
+            "retries": retries,
+            "summary": summary,
+            "finished_at": now(),
+        }
+        if items_in is not None:
+            values["items_in"] = items_in  # a streamed step counts its items as they come
+
+        def work(conn: Connection) -> None:
+            conn.execute(update(StepAttempt).where(StepAttempt.id == attempt_id).values(**values))
+
+        return work
 
     def close_open_steps(self, run_id: int, *, status: str, error: str) -> int:
         """End the run's step rows still ``running`` (their process is gone); how many there were."""
@@ -379,97 +410,24 @@ class History:
     # executemany (SQLAlchemy's per-row parameter handling cost more than the database).
 
     def add_items(self, run_id: int, workflow: str, rows: Sequence[ItemRow]) -> None:
-        if not rows:
-            return
-        stamp = now()
-
-        def work(conn: Connection) -> Any:
-            _executemany(
-                conn,
-                insert(LedgerItem),
-                [
-                    {
-                        "run_id": run_id,
-                        "workflow": workflow,
-                        "seq": r.seq,
-                        "key": r.key,
-                        "fetched_by": r.fetched_by,
-                        "outcome": Outcome.PENDING,
-                        "data": r.data,
-                        "updated_at": stamp,
-                    }
-                    for r in rows
-                ],
-                json_keys=("data",),
-                time_keys=("updated_at",),
-            )
-
-        self.write(work)
+        if rows:
+            self.write(works.add_items(run_id, workflow, rows))
 
     def set_outcomes(self, run_id: int, rows: Iterable[OutcomeRow]) -> None:
         rows = list(rows)
-        if not rows:
-            return
-        statement = (
-            update(LedgerItem)
-            .where(LedgerItem.run_id == bindparam("b_run"), LedgerItem.seq == bindparam("b_seq"))
-            .values(
-                outcome=bindparam("b_outcome"),
-                step_id=bindparam("b_step"),
-                reason=bindparam("b_reason"),
-                result=bindparam("b_result", type_=_COLUMNS.result.type),
-                updated_at=bindparam("b_stamp", type_=_COLUMNS.updated_at.type),
-            )
-        )
-        stamp = now()
-
-        def work(conn: Connection) -> Any:
-            _executemany(
-                conn,
-                statement,
-                [
-                    {
-                        "b_run": run_id,
-                        "b_seq": r.seq,
-                        "b_outcome": r.outcome,
-                        "b_step": r.step_id,
-                        "b_reason": r.reason,
-                        "b_result": r.result,
-                        "b_stamp": stamp,
-                    }
-                    for r in rows
-                ],
-                json_keys=("b_result",),
-                time_keys=("b_stamp",),
-            )
-
-        self.write(work)
+        if rows:
+            self.write(works.set_outcomes(run_id, rows))
 
     def set_delivered_by(self, run_id: int, rows: Iterable[tuple[int, list[str]]]) -> None:
         """Record which deliver steps items passed (items still pending, in a longer workflow)."""
         rows = list(rows)
-        if not rows:
-            return
-        statement = (
-            update(LedgerItem)
-            .where(LedgerItem.run_id == bindparam("b_run"), LedgerItem.seq == bindparam("b_seq"))
-            .values(
-                delivered_by=bindparam("b_steps", type_=_COLUMNS.delivered_by.type),
-                updated_at=bindparam("b_stamp", type_=_COLUMNS.updated_at.type),
-            )
-        )
-        stamp = now()
+        if rows:
+            self.write(works.set_passed(run_id, rows))
 
-        def work(conn: Connection) -> Any:
-            _executemany(
-                conn,
-                statement,
-                [{"b_run": run_id, "b_seq": seq, "b_steps": steps, "b_stamp": stamp} for seq, steps in rows],
-                json_keys=("b_steps",),
-                time_keys=("b_stamp",),
-            )
-
-        self.write(work)
+    @property
+    def ledger(self) -> works.Ledger:
+        """The write-ahead ledger of chunks and items the engine writes through while a run goes on."""
+        return works.Ledger(self)
 
     def delivered_keys(self, workflow: str, keys: Iterable[str], *, other_than: int | None = None) -> dict[str, int]:
         """Which of ``keys`` a run of ``workflow`` delivered, and in which run (the first).

@@ -131,9 +131,13 @@ class RateLimiter:
         self._paused_until = 0.0
         self.waited_s = 0.0
         self.rate_limited = 0  # 429s seen
-        # sent and not yet answered: the server's remaining counts may not include them yet
-        self._in_flight: dict[int, int] = {}  # ticket -> tokens, for requests sent and not yet answered
+        # taken and not yet answered: the server's remaining counts may not include them yet.
+        # ticket -> [tokens, the order it was sent in (None: not sent yet)]; a request is sent
+        # a moment after its ticket (its call is written down first), so tickets and
+        # arrivals at the server need not be in the same order
+        self._in_flight: dict[int, list[int | None]] = {}
         self._tickets = 0
+        self._sent = 0
 
     async def acquire(self, tokens: int) -> int:
         """Wait until one request of ``tokens`` fits in both limits.
@@ -156,17 +160,30 @@ class RateLimiter:
             self.requests.take(1)
             self.tokens.take(tokens)
             self._tickets += 1
-            self._in_flight[self._tickets] = tokens
+            self._in_flight[self._tickets] = [tokens, None]
             return self._tickets
+
+    def sending(self, ticket: int) -> None:
+        """The request of ``ticket`` leaves now (the server counts it when it arrives)."""
+        entry = self._in_flight.get(ticket)
+        if entry is not None:
+            self._sent += 1
+            entry[1] = self._sent
 
     def done(self, ticket: int, headers: Mapping[str, str]) -> None:
         """The request of ``ticket`` was answered (or failed): learn from its headers.
 
         Every ``acquire`` is paired with one ``done``, whatever became of the request, so
-        the requests sent after this one and still unanswered are known.
+        the requests the answer cannot count yet are known: those sent after this one,
+        and those taken but not sent yet.
         """
-        self._in_flight.pop(ticket, None)
-        later = [tokens for other, tokens in self._in_flight.items() if other > ticket]
+        entry = self._in_flight.pop(ticket, None)
+        mine = entry[1] if entry is not None else None
+        later = [
+            int(tokens or 0)
+            for tokens, order in self._in_flight.values()
+            if order is None or mine is None or order > mine
+        ]
         self.requests.learn(
             _int_header(headers, "x-ratelimit-limit-requests"),
             _int_header(headers, "x-ratelimit-remaining-requests"),

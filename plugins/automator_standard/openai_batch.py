@@ -2,15 +2,18 @@
 
 The items' requests are written as JSONL (one chat completion per item, ``custom_id``
 naming the run and the item), uploaded, and submitted as one batch per 50,000 requests
-or 200 MB. Each batch is stored in the history (``model_batches``) the moment it is
-created, so a process that dies while waiting does not submit it again: the run, when
-resumed, finds the batch by run and step and polls it where it was. A process that dies
-between ``batches.create`` returning and that row being written leaves a batch the
-history does not know; each batch therefore carries its run, step and the SHA-256 of its
-input file in ``metadata``, and a resumed run (or a retried create whose first attempt may
-have reached OpenAI) lists the account's recent batches and adopts the one that matches
-instead of paying for it twice. Items whose answer in an already-collected batch was an
-error or was rejected end, on resume, as the calls recorded for them say (not re-sent).
+or 200 MB. Each batch is written ahead: its row in ``model_batches`` (status ``creating``,
+with the SHA-256 of its input file) is durable before ``batches.create`` is called, and
+gets the batch's id once it returns, so a process that dies while waiting does not submit
+it again: the run, when resumed, finds the batch by run and step and polls it where it
+was. A process that dies between ``batches.create`` and the id being written leaves a
+``creating`` row; each batch carries its run, step and input digest in ``metadata``, and the
+resumed run (or a retried create whose first attempt may have reached OpenAI) lists the
+account's recent batches and adopts the one that matches instead of paying for it twice.
+The answers of a collected batch are recorded (calls and cache entries, one commit each,
+shared) before the batch counts as collected. Items whose answer in an already-collected
+batch was an error or was rejected end, on resume, as the calls recorded for them say
+(not re-sent).
 
 Answers come back through the same checks as sync mode. An answer that is cut off,
 refused, filtered or breaks the schema is re-asked through the sync path at once (full
@@ -96,6 +99,7 @@ class ModelStep(Protocol):
         messages: list[dict[str, Any]] | None = None,
         first_repair: int = 0,
         attempt: int = 0,
+        key: str | None = None,
     ) -> Answer: ...
 
 
@@ -109,6 +113,8 @@ class BatchTransform:
         self.history: ModelCallStore = step.context.history.model_calls
         self.outcomes: list[Any] = []
         self._known: set[str] = set()  # batch ids the history has for this run and step
+        # rows of batches a crashed process was creating, by input digest: the batch may exist
+        self._intents: dict[str, int] = {}
         info = step.context.info
         # a resumed run may have created a batch whose row never got written
         self.resumed = info.resumed or info.trigger == "resume"
@@ -123,27 +129,30 @@ class BatchTransform:
         resuming = bool(stored)
         requests: list[Request] = []
         # a resumed run reads the answers its predecessor collected, whatever the temperature
-        reads_cache = step.reads_cache or resuming
+        reads_cache = step.reads_cache or resuming or self.resumed
         for index, item in enumerate(items):
             try:
                 request = self._request(index, item)
-                cached = await self.calls.lookup(request.key) if reads_cache else None
+                cached = (
+                    await self.calls.lookup(request.key, this_run_only=not step.reads_cache) if reads_cache else None
+                )
             except Exception as exc:  # noqa: BLE001 - this item's outcome; the others go on
                 self.outcomes[index] = exc
                 continue
             if cached is not None:
-                self.calls.record_cached(item.seq, cached)
+                await self.calls.record_cached(item.seq, cached)
                 self.outcomes[index] = step.result(item, cached["content"])
             else:
                 requests.append(request)
         leaders, followers = self._dedupe(requests)
-        self._known = {row.batch_id for row in stored}
+        self._known = {row.batch_id for row in stored if row.batch_id}
+        self._intents = {row.input_sha256: row.id for row in stored if row.status == "creating" and row.input_sha256}
         jobs, fresh, settled = self._reattach(stored, leaders)
         fresh += await self._ended_before(settled)
         jobs += await self._submit(fresh)
         await self._wait(jobs)
         for request, leader in followers:
-            self._follow(request, leader)
+            await self._follow(request, leader)
         return self.outcomes
 
     def _request(self, index: int, item: Item) -> Request:
@@ -169,14 +178,14 @@ class BatchTransform:
                 first[request.key] = request
         return list(first.values()), followers
 
-    def _follow(self, request: Request, leader: Request) -> None:
+    async def _follow(self, request: Request, leader: Request) -> None:
         # the leader's answer is kept on its request: the response cache may be written
         # (and its pending entries gone) by the time the followers look
         outcome = self.outcomes[leader.index]
         if isinstance(outcome, BaseException) or leader.answer is None:
             self.outcomes[request.index] = outcome
             return
-        self.calls.record_cached(request.item.seq, leader.answer)
+        await self.calls.record_cached(request.item.seq, leader.answer)
         self.outcomes[request.index] = self.step.result(request.item, leader.answer["content"])
 
     # -- submitting ------------------------------------------------------------------------
@@ -191,6 +200,8 @@ class BatchTransform:
         jobs: list[Job] = []
         settled: list[Request] = []
         for row in stored:
+            if row.status == "creating":
+                continue  # maybe never created: its requests are submitted again, adopting it if it was
             members = [
                 by_id.pop(cid) for cid, key in (row.requests or {}).items() if cid in by_id and by_id[cid].key == key
             ]
@@ -253,24 +264,31 @@ class BatchTransform:
         run_id = self.context.run_id
         digest = hashlib.sha256(content).hexdigest()
         metadata = {"automator_run": str(run_id), "automator_step": step.step_id[:500], "automator_input": digest}
-        batch = await self._adopt(metadata) if self.resumed else None
+        row_id = self._intents.pop(digest, None)
+        # a crashed process may have created it (an intent row says it was about to)
+        batch = await self._adopt(metadata) if self.resumed or row_id is not None else None
+        if row_id is None:
+            # write-ahead: the intent is durable before the batch can be created (and billed)
+            row_id = await asyncio.to_thread(
+                self.history.add_batch,
+                run_id=run_id,
+                workflow=self.context.workflow.name,
+                step_id=step.step_id,
+                model=step.config.model,
+                batch_id=None,
+                input_file_id=None,
+                input_sha256=digest,
+                status="creating",
+                request_count=len(members),
+                requests={r.custom_id: r.key for r in members},
+            )
         if batch is None:
             batch = await self._upload_and_create(content, metadata)
         else:
             self.calls.stats["adopted"] += 1
         self._known.add(batch.id)
-        # stored before anything else can fail: a restarted process collects it instead of paying again
-        row_id = await asyncio.to_thread(
-            self.history.add_batch,
-            run_id=run_id,
-            workflow=self.context.workflow.name,
-            step_id=step.step_id,
-            model=step.config.model,
-            batch_id=batch.id,
-            input_file_id=batch.input_file_id,
-            status=batch.status,
-            request_count=len(members),
-            requests={r.custom_id: r.key for r in members},
+        await asyncio.to_thread(
+            self.history.update_batch, row_id, batch_id=batch.id, input_file_id=batch.input_file_id, status=batch.status
         )
         self.calls.stats["batches"] += 1
         return Job(row_id, batch.id, batch.status, members)
@@ -400,17 +418,21 @@ class BatchTransform:
         latency_ms = int((time.monotonic() - job.created) * 1000)
         missing = why_missing(batch)
         repairs: list[tuple[Request, Reply, str]] = []
+        # each answer's record; gathered, so they share commits
+        records: list[Awaitable[None]] = []
         for request in job.requests:
             line = lines.get(request.custom_id)
             if line is None:
                 self._settle(request, Decimal(0))
-                self._fail(request, f"no answer in batch {job.batch_id}: {missing}")
+                records.append(self._fail(request, f"no answer in batch {job.batch_id}: {missing}"))
                 continue
             response = line.get("response") or {}
             status = response.get("status_code")
             if status != 200:
                 self._settle(request, Decimal(0))
-                self._fail(request, f"the Batch API answered {status or 'an error'}: {error_message(line)}")
+                records.append(
+                    self._fail(request, f"the Batch API answered {status or 'an error'}: {error_message(line)}")
+                )
                 continue
             try:
                 reply = reply_from(
@@ -421,7 +443,7 @@ class BatchTransform:
                 )
             except ValueError as exc:
                 self._settle(request, Decimal(0))
-                self._fail(request, f"the batch's answer could not be read: {describe_error(exc)}")
+                records.append(self._fail(request, f"the batch's answer could not be read: {describe_error(exc)}"))
                 continue
             self._settle(request, self.calls.cost_of(reply, batch=True))
             self.calls.stats["calls"] += 1
@@ -429,11 +451,11 @@ class BatchTransform:
             if problem:
                 repairs.append((request, reply, problem))
             else:
-                self._accept(request, reply, text)
-        await self._repair_all(repairs)
+                records.append(self._accept(request, reply, text))
+        await asyncio.gather(*records)
         # answers reach the response cache before the batch counts as collected: a process
         # that dies in between finds them there when the run is resumed
-        await self.calls.flush()
+        await self._repair_all(repairs)
         await asyncio.to_thread(
             self.history.update_batch,
             job.row_id,
@@ -447,12 +469,13 @@ class BatchTransform:
         self.calls.settle(request.reserved, cost)
         request.reserved = Decimal(0)
 
-    def _fail(self, request: Request, reason: str) -> None:
-        self.calls.record(request.item.seq, 1, reply=None, status=CallStatus.ERROR, mode="batch", error=reason)
+    async def _fail(self, request: Request, reason: str) -> None:
+        await self.calls.record(request.item.seq, 1, reply=None, status=CallStatus.ERROR, mode="batch", error=reason)
         self.outcomes[request.index] = ModelError(reason, retryable=False)
 
-    def _accept(self, request: Request, reply: Reply, text: str) -> None:
-        self.calls.record(
+    async def _accept(self, request: Request, reply: Reply, text: str) -> None:
+        answer = self.calls.answer(reply, text)
+        await self.calls.record(
             request.item.seq,
             1,
             reply=reply,
@@ -460,12 +483,14 @@ class BatchTransform:
             mode="batch",
             prompt=request.prompt.messages,
             response=reply.content,
+            request_key=request.key,
+            answer=answer,
         )
-        self._answered(request, self.calls.answer(reply, text))
+        await self._answered(request, answer)
 
-    def _answered(self, request: Request, answer: Answer) -> None:
+    async def _answered(self, request: Request, answer: Answer) -> None:
         request.answer = answer
-        self.calls.store(request.key, answer)
+        await self.calls.store(request.key, answer)  # already there when its call wrote it
         self.outcomes[request.index] = self.step.result(request.item, answer["content"])
 
     async def _repair_all(self, repairs: list[tuple[Request, Reply, str]]) -> None:
@@ -474,7 +499,7 @@ class BatchTransform:
 
         async def repair(request: Request, reply: Reply, problem: str) -> None:
             step = self.step
-            self.calls.record(
+            await self.calls.record(
                 request.item.seq,
                 1,
                 reply=reply,
@@ -501,10 +526,11 @@ class BatchTransform:
                         messages=messages,
                         first_repair=1,
                         attempt=1,
+                        key=request.key,
                     )
             except Exception as exc:  # noqa: BLE001 - quarantined, failed or over budget: this item's outcome
                 self.outcomes[request.index] = exc
                 return
-            self._answered(request, answer)
+            await self._answered(request, answer)
 
         await asyncio.gather(*(repair(*entry) for entry in repairs))

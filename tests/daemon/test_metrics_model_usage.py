@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 
 from automator.daemon.metrics import Metrics
 from automator.history.states import CallStatus
 from automator.history.store import History
-from automator.llm.records import CallRecorder
+from automator.llm.records import now
 
 
 def record_calls(history: History, *calls: dict[str, object]) -> None:
-    async def write() -> None:
-        recorder = CallRecorder(history.model_calls)
-        for fields in calls:
-            # every row with the same columns, as the model-call service writes them
-            usage = {"input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0, **fields}
-            recorder.call(workflow="triage", step_id="classify", model="gpt-4o-mini", **usage)
-        await recorder.close()
-
-    asyncio.run(write())
+    rows = []
+    for fields in calls:
+        # every row with the same columns, as the model-call service writes them
+        usage = {"input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0, "cost_usd": Decimal(0), **fields}
+        rows.append({"workflow": "triage", "step_id": "classify", "model": "gpt-4o-mini", "created_at": now(), **usage})
+    history.model_calls.write_calls(rows, [])
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -69,6 +69,8 @@ def test_costs_runs_show_and_finetune_export(fake_openai: FakeOpenAI, cli, workf
             "cached_input_tokens": 0,
             "output_tokens": llm["output_tokens"],
             "cost_usd": costs[0]["cost_usd"],
+            "unconfirmed_calls": 0,  # every call's answer was recorded
+            "unconfirmed_usd": "0.000000000",
         }
     ]
     assert abs(float(costs[0]["cost_usd"]) - llm["cost_usd"]) < 1e-12

@@ -11,21 +11,30 @@ from tests.conftest import resume_crashed, run_until_killed
 from tests.llm.fake_openai import FakeOpenAI
 
 CRASH_AFTER_MODEL = """
-import os, signal, time
+import asyncio, os, signal, sqlite3, time
 from pathlib import Path
 from automator import TransformStep, StepConfig, hookimpl
 
 class CrashConfig(StepConfig):
     marker: str
+    database: str
+    calls: int
 
 class Crash(TransformStep[CrashConfig]):
     name = "test.crash_after_model"
 
-    def transform(self, item):
+    async def transform(self, item):
         marker = Path(self.config.marker)
         if not marker.exists():
             marker.write_text("crashed")
-            time.sleep(0.6)  # the model step's records are written in the background (every 0.25 s)
+            # items stream through the steps: wait (a condition, polled) for every answer to be recorded
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with sqlite3.connect(self.config.database) as db:
+                    answered = "select count(*) from model_calls where status = 'ok'"
+                    if db.execute(answered).fetchone()[0] >= self.config.calls:
+                        break
+                await asyncio.sleep(0.02)  # the model step goes on meanwhile
             os.kill(os.getpid(), signal.SIGKILL)
         return item.data
 
@@ -67,7 +76,7 @@ def test_a_killed_model_run_resumes_without_a_second_call(
                   max_output_tokens: 50
               - id: crash
                 uses: test.crash_after_model
-                with: {{marker: "{tmp_path / "crashed"}"}}
+                with: {{marker: "{tmp_path / "crashed"}", database: "{history_url.removeprefix("sqlite:///")}", calls: 6}}
               - id: save
                 uses: file.deliver
                 with: {{path: out.jsonl}}
