@@ -36,6 +36,24 @@ plugin"): ``WorkflowRun`` and the history records it holds (``Run``, ``StepAttem
     plugins that are not installed and ``env=`` sets environment variables, both for that
     one call. Returns a :class:`CliResult`: exit code, stdout and stderr.
 
+``automator_runner.step(workflow, step_id)``
+    One step of a workflow, built as a run builds it, returned as a
+    :class:`StepUnderTest` to drive directly: the engine streams items through a deliver
+    step in chunks (several at once, in any order) and closes it once at the end of the
+    run, and a resumed run (the same run id, perhaps in a new process) delivers the chunks
+    whose delivery was not recorded and closes again. ``deliver_chunks`` and ``close`` do
+    the same, so a test can deliver chunks out of order, twice, or "crash" (drop the step
+    without closing, then take a new one for the same run id)::
+
+        def test_every_item_once_after_a_crash(automator_runner):
+            workflow = "steps: [{id: src, uses: test.fetch}, {id: save, uses: acme.deliver}]"
+            crashed = automator_runner.step(workflow, "save", run_id=7, plugins=[my_plugin])
+            chunks = crashed.chunks([{"n": n} for n in range(250)], size=100)
+            crashed.deliver_chunks(chunks[:2])  # ... and the process dies
+            resumed = automator_runner.step(workflow, "save", run_id=7, plugins=[my_plugin])
+            resumed.deliver_chunks(chunks[1:])
+            resumed.close()
+
 Two step types exist only in these runs, to surround the step under test:
 ``test.fetch`` (``with: {items: [...]}``: these items, as given) and ``test.deliver``
 (records each item's data; ``with: {fail_when: "{{ item.n > 2 }}"}`` fails the items
@@ -64,9 +82,10 @@ if TYPE_CHECKING:
     from automator.history.models import LedgerItem, Run, StepAttempt
     from automator.history.store import History
     from automator.plugins.manager import Plugins
+    from automator.plugins.steps import Item, Step
     from automator.spec.loader import Workflow
 
-__all__ = ["CliResult", "WorkflowRun", "WorkflowRunner"]
+__all__ = ["CliResult", "StepUnderTest", "WorkflowRun", "WorkflowRunner"]
 
 OUTCOMES: tuple[str, ...] = tuple(outcome.value for outcome in FINAL_OUTCOMES)
 _RECORDER_NAME = "automator.testing"
@@ -256,6 +275,114 @@ class WorkflowRunner:
             )
         )
 
+    def step(
+        self,
+        workflow: str | Path,
+        step_id: str,
+        *,
+        run_id: int = 1,
+        plugins: Sequence[object] = (),
+        params: dict[str, Any] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        entry_points: bool = True,
+    ) -> StepUnderTest:
+        """One step of a workflow (``steps`` or ``on_failure``), built as run ``run_id`` builds it.
+
+        Nothing is written to the history: the step gets the run's context (its id,
+        parameters, secrets, templates) and is driven through :class:`StepUnderTest`.
+        Another call with the same ``run_id`` is the same run resumed in a new process.
+        """
+        from datetime import UTC, datetime
+
+        from automator.engine.context import RunContext
+        from automator.engine.runner import resolve_params
+        from automator.plugins.events import RunInfo
+
+        loaded = self.plugins(plugins, entry_points=entry_points, secrets=secrets)
+        wf = self.load(workflow, plugins=loaded)
+        bound = next((s for s in (*wf.steps, *wf.on_failure) if s.id == step_id), None)
+        if bound is None:
+            raise KeyError(f"no step {step_id!r}; steps: {', '.join(s.id for s in (*wf.steps, *wf.on_failure))}")
+        info = RunInfo(id=run_id, workflow=wf.name, trigger="test", started_at=datetime.now(UTC), version=wf.version)
+        context = RunContext(wf, loaded, self.history, info, resolve_params(wf, params))
+        return StepUnderTest(bound.type(bound.config, context, bound.id))
+
+
+@dataclass
+class StepUnderTest:
+    """A step built as a run builds it, driven the way the engine drives it (see ``WorkflowRunner.step``)."""
+
+    step: Step[Any]
+
+    @property
+    def run_id(self) -> int:
+        return self.step.context.run_id
+
+    @staticmethod
+    def items(data: Sequence[Any], *, first_seq: int = 0) -> list[Item]:
+        """Items numbered from ``first_seq``, as a fetch makes them (a non-object value becomes ``{"value": ...}``)."""
+        from automator.plugins.steps import Item
+
+        items = []
+        for seq, value in enumerate(data, start=first_seq):
+            value = copy.deepcopy(value) if isinstance(value, dict) else {"value": value}
+            items.append(Item(seq=seq, data=value, steps={}))
+        return items
+
+    @classmethod
+    def chunks(cls, data: Sequence[Any], *, size: int = 100, first_seq: int = 0) -> list[list[Item]]:
+        """The items of ``data`` cut into chunks of ``size``, in order."""
+        items = cls.items(data, first_seq=first_seq)
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    async def adeliver_chunks(self, chunks: Sequence[Sequence[Item]], *, concurrency: int = 4) -> None:
+        """Each chunk through the deliver step, in the order given, up to ``concurrency`` at once.
+
+        A step with ``deliver_batch`` gets each chunk in one call; one with ``deliver``
+        gets its items one by one. Calls run in worker threads for a ``blocking`` step
+        type, as the engine runs them. The first error is raised once all calls ended.
+        """
+        from automator.plugins.steps import DeliverStep
+
+        step = self.step
+        if not isinstance(step, DeliverStep):
+            raise TypeError(f"{type(step).name} is a {step.phase} step, not a deliver step")
+        blocking = type(step).blocking
+
+        async def call(method: Callable[..., Any], argument: Any) -> None:
+            result = await asyncio.to_thread(method, argument) if blocking else method(argument)
+            if asyncio.iscoroutine(result):
+                await result
+
+        async def one(chunk: Sequence[Item]) -> None:
+            async with limit:
+                if type(step).deliver_batch is not None:
+                    await call(step.deliver_batch, list(chunk))
+                else:
+                    for item in chunk:
+                        await call(step.deliver, item)
+
+        limit = asyncio.Semaphore(concurrency)
+        results = await asyncio.gather(*(one(chunk) for chunk in chunks), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def deliver_chunks(self, chunks: Sequence[Sequence[Item]], *, concurrency: int = 4) -> None:
+        """:meth:`adeliver_chunks` from a test without an event loop."""
+        asyncio.run(self.adeliver_chunks(chunks, concurrency=concurrency))
+
+    async def aclose(self) -> None:
+        """The end of the run: the step's ``close()``."""
+        await self.step.close()
+
+    def close(self) -> None:
+        asyncio.run(self.aclose())
+
+    def summary(self) -> str | None:
+        """The step's line in the run summary (secrets redacted, as ``automator run`` shows it)."""
+        return self.step.context.redactor.text(self.step.summary())
+
 
 def _plugin_name(plugin: object, taken: Mapping[str, object]) -> str:
     """A module's name, or an object's class name; numbered when two objects share a class."""
@@ -314,7 +441,7 @@ def _recorder_step_types(recorder: _Recorder) -> list[type]:
     from pydantic import Field
 
     from automator.errors import StepError
-    from automator.plugins.steps import DeliverStep, FetchStep, Item, StepConfig
+    from automator.plugins.steps import DeliverStep, FetchStep, StepConfig
 
     class TestFetchConfig(StepConfig):
         items: list[Any] = Field(default_factory=list, description="The items to produce, as given.")

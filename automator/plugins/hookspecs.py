@@ -189,8 +189,10 @@ def step_started(event: StepStarted) -> None:
     """A step is about to handle the run's items.
 
     Called once per step of a run (and per ``on_failure`` step), before the step's
-    first call. ``event.step_id``, ``event.step_type``, ``event.phase`` and
-    ``event.items_in`` (0 for a fetch step) describe it.
+    first call: when the first chunk of items reaches it (items stream through the
+    steps in chunks, so later steps start while earlier ones go on). ``event.step_id``,
+    ``event.step_type``, ``event.phase`` and ``event.items_in`` (the first chunk's
+    items; 0 for a fetch step) describe it; ``step_finished`` has the step's totals.
     """
 
 

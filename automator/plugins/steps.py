@@ -3,11 +3,15 @@
 A step type is a class with a ``name`` (``http.fetch``), a ``phase``, a pydantic
 ``Config`` model for its ``with:`` block, and one method per phase:
 
-- ``FetchStep.fetch()`` returns the run's items (a list or iterable of dicts);
+- ``FetchStep.fetch()`` returns the run's items: a list, or an iterator or async iterator
+  (a generator) that yields them page by page while the first ones already move on;
 - ``TransformStep.transform(item)`` returns the item's new data (``None`` skips it);
-  or ``transform_batch(items)`` takes them all at once, one outcome per item;
+  or ``transform_batch(items)`` takes a chunk of items at once, one outcome per item;
 - ``ValidateStep.validate(item)`` returns nothing, or raises SkipItem/QuarantineItem/StepError;
-- ``DeliverStep.deliver(item)`` delivers one item; or ``deliver_batch(items)`` all at once.
+- ``DeliverStep.deliver(item)`` delivers one item; or ``deliver_batch(items)`` a chunk at once.
+
+Which of these methods a step type defines declares its :class:`Shape`, and the engine has
+one driver per shape (``automator.engine.drivers``).
 
 Methods may be plain functions or coroutines. A step type whose plain methods block
 (disk, network) sets ``blocking = True`` and they run in worker threads.
@@ -25,7 +29,7 @@ import functools
 import hashlib
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -46,6 +50,15 @@ class Phase(StrEnum):
     TRANSFORM = "transform"
     VALIDATE = "validate"
     DELIVER = "deliver"
+
+
+class Shape(StrEnum):
+    """How the engine drives a step, declared by the methods its type defines."""
+
+    FETCH = "fetch"  # fetch(): the run's items, a list or an (async) iterator
+    PER_ITEM = "per_item"  # transform/validate/deliver(item): one item per call, several at once
+    BATCH_TRANSFORM = "batch_transform"  # transform_batch(items): a chunk per call, one outcome per item
+    BATCH_DELIVER = "batch_deliver"  # deliver_batch(items): a chunk per call, delivered (or failed) together
 
 
 class StepConfig(BaseModel):
@@ -208,6 +221,25 @@ class Step(Generic[ConfigT]):
         """A line for the run summary, such as where the output went; None for nothing."""
         return None
 
+    @property
+    def shape(self) -> Shape:
+        """How the engine drives this step (see :class:`Shape`); from the methods the type defines."""
+        if self.phase is Phase.FETCH:
+            return Shape.FETCH
+        if self.phase is Phase.TRANSFORM and getattr(self, "transform_batch", None) is not None:
+            return Shape.BATCH_TRANSFORM
+        if self.phase is Phase.DELIVER and getattr(self, "deliver_batch", None) is not None:
+            return Shape.BATCH_DELIVER
+        return Shape.PER_ITEM
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Items per chunk this step asks for (a batch step whose calls are costly), or None.
+
+        The workflow's ``chunk_size:`` setting wins; otherwise the largest a step asks for.
+        """
+        return None
+
     async def close(self) -> None:
         """Called once after the step, success or not: release connections here."""
 
@@ -306,6 +338,29 @@ def _rendering_settings(method: Callable[..., Any], *, with_item: bool) -> Calla
         item = args[0] if with_item and args and isinstance(args[0], Item) else None
         return _rendered_config.set((step, step.rendered_config(item)))
 
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def call_async_gen(self: Step[Any], *args: Any, **kwargs: Any) -> Any:
+            token = enter(self, args)
+            rendered = _rendered_config.get()
+            if token is not None:
+                _rendered_config.reset(token)
+            pages = method(self, *args, **kwargs)
+            while True:
+                # each resumption may run in another task: the settings are set around each one
+                inner = _rendered_config.set(rendered)
+                try:
+                    value = await pages.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    _rendered_config.reset(inner)
+                yield value
+
+        call_async_gen._renders_settings = True  # type: ignore[attr-defined]
+        return call_async_gen
+
     if inspect.iscoroutinefunction(method):
 
         @functools.wraps(method)
@@ -326,7 +381,8 @@ def _rendering_settings(method: Callable[..., Any], *, with_item: bool) -> Calla
         try:
             result = method(self, *args, **kwargs)
             if token is not None and inspect.isgenerator(result):
-                result = list(result)  # a generator fetch reads its settings while it is consumed
+                # a generator fetch reads its settings while it is consumed, page by page
+                return _with_settings(result, _rendered_config.get())
             return result
         finally:
             if token is not None:
@@ -334,6 +390,19 @@ def _rendering_settings(method: Callable[..., Any], *, with_item: bool) -> Calla
 
     call._renders_settings = True  # type: ignore[attr-defined]
     return call
+
+
+def _with_settings(pages: Iterator[Any], rendered: tuple[Step[Any], StepConfig] | None) -> Iterator[Any]:
+    """A generator whose every resumption sees the rendered settings (it may run in any thread)."""
+    while True:
+        token = _rendered_config.set(rendered)
+        try:
+            value = next(pages)
+        except StopIteration:
+            return
+        finally:
+            _rendered_config.reset(token)
+        yield value
 
 
 StepType = type[Step[Any]]

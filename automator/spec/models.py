@@ -146,6 +146,16 @@ class WorkflowSpec(SpecModel):
         default_factory=dict, description="Parameters with their defaults; override with --param."
     )
     defaults: StepDefaults = Field(default_factory=StepDefaults)
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Items per chunk: the unit of work and of crash recovery (default 100; a Batch API "
+        "step asks for more).",
+    )
+    chunks_in_flight: int = Field(
+        4, ge=1, le=1000, description="Chunks going through the steps at once: bounds memory and waiting work."
+    )
     steps: list[StepSpec] = Field(min_length=1)
     on_failure: list[StepSpec] = Field(default_factory=list, description="Deliver steps run when a run fails.")
     budget: Budget | None = Field(None, description="Spending limits for model calls (per run, per day).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,44 +39,43 @@ class FileFetch(FetchStep[FileFetchConfig]):
         self._files: list[Path] = []
         self._count = 0
 
-    def fetch(self) -> list[Any]:
+    def fetch(self) -> Iterator[Any]:
+        """The files' items, one file after another, read as they are consumed (a million-line
+        JSONL file is never in memory at once; a JSON document is read whole)."""
         pattern = str(self.resolve_path(self.render_text(self.config.path)))
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not files and not self.config.missing_ok:
             raise StepError(f"no file matches {pattern}", retryable=False)
-        items: list[Any] = []
-        for file in files:
-            items.extend(self._read(file))
         self._files = files
-        self._count = len(items)
-        return items
+        for file in files:
+            for line, item in self._read(file):
+                self._count += 1
+                if self.config.add_source and isinstance(item, dict):
+                    item = {**item, "_source": file.name, "_line": line}
+                yield item
 
-    def _read(self, file: Path) -> list[Any]:
+    def _read(self, file: Path) -> Iterator[tuple[int, Any]]:
         fmt = self.config.format if self.config.format != "auto" else FORMATS.get(file.suffix.lower())
         if fmt is None:
             raise StepError(f"{file}: unknown file type; set format: json, jsonl or csv", retryable=False)
         try:
             with file.open(encoding=self.config.encoding, newline="") as handle:
                 if fmt == "csv":
-                    rows = list(csv.DictReader(handle, delimiter=self.config.delimiter))
-                    numbered = [(i + 2, row) for i, row in enumerate(rows)]
+                    reader = csv.DictReader(handle, delimiter=self.config.delimiter)
+                    for number, row in enumerate(reader):
+                        yield number + 2, row
                 elif fmt == "jsonl":
-                    numbered = [
-                        (n, _json_line(line, file, n)) for n, line in enumerate(handle, start=1) if line.strip()
-                    ]
+                    for number, line in enumerate(handle, start=1):
+                        if line.strip():
+                            yield number, _json_line(line, file, number)
                 else:
                     document = json.load(handle)
                     what = str(file)
-                    numbered = list(enumerate(as_item_list(dig(document, self.config.items, what=what), what=what), 1))
+                    yield from enumerate(as_item_list(dig(document, self.config.items, what=what), what=what), 1)
         except json.JSONDecodeError as exc:
             raise StepError(f"{file}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}", retryable=False) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise StepError(f"cannot read {file}: {exc}", retryable=False) from None
-        if not self.config.add_source:
-            return [item for _, item in numbered]
-        return [
-            {**item, "_source": file.name, "_line": line} if isinstance(item, dict) else item for line, item in numbered
-        ]
 
     def summary(self) -> str | None:
         names = ", ".join(str(f) for f in self._files[:3]) + (" ..." if len(self._files) > 3 else "")

@@ -3,7 +3,8 @@
 Static instructions first and the item last (prompt caching); structured output checked
 on return and re-asked with the problem fed back; 429/5xx/timeouts retried under the
 step's ``retry:`` policy, honouring retry-after; requests and tokens per minute paced;
-every attempt recorded with its exact cost; identical requests sent once (the response
+every attempt recorded ahead (a row before the request leaves, its usage and exact cost
+with the answer's cache entry before the answer moves on); identical requests sent once (the response
 cache, and requests in flight); budgets enforced before sending; answers redacted through
 the run's secrets. Every path ends in an outcome: a result, a quarantine with the reason,
 or a failure with the error — never a lost item.
@@ -40,6 +41,9 @@ from automator_standard.openai_prompt import (
     request_key,
 )
 
+# the Batch API takes up to 50,000 requests per job
+BATCH_CHUNK_SIZE = 50_000
+
 
 class OpenAITransform(TransformStep[OpenAITransformConfig]):
     name = "openai.transform"
@@ -64,13 +68,20 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
 
     @property
     def transform_batch(self) -> Any:
-        """mode: batch: the runner hands over all items at once (see openai_batch)."""
+        """mode: batch: the engine hands over a chunk of items at once (see openai_batch)."""
         return BatchTransform(self).run if self.config.mode == "batch" else None
+
+    @property
+    def chunk_size(self) -> int | None:
+        """mode: batch: one Batch API job per chunk, so chunks as big as a job may be."""
+        return BATCH_CHUNK_SIZE if self.config.mode == "batch" else None
 
     # -- set-up -----------------------------------------------------------------------
 
     @property
     def reads_cache(self) -> bool:
+        """Whether answers to identical requests are reused. With ``cache: false`` too, a resumed
+        run reuses the answers it paid for before the crash (``ModelCalls.once``)."""
         if self.config.cache is not None:
             return self.config.cache
         # a resumed run must not pay again for answers its crashed predecessor recorded
@@ -206,7 +217,7 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         self.check_fits(prompt_tokens)
         key = request_key(self.params(prompt.messages))
         answer = await self.calls.once(
-            key, item.seq, lambda: self.ask(item, prompt, prompt_tokens), cache=self.reads_cache
+            key, item.seq, lambda: self.ask(item, prompt, prompt_tokens, key=key), cache=self.reads_cache
         )
         return self.result(item, answer["content"])
 
@@ -219,10 +230,12 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         messages: list[dict[str, Any]] | None = None,
         first_repair: int = 0,
         attempt: int = 0,
+        key: str | None = None,
     ) -> Answer:
         """Ask until an answer is accepted, re-asking with the problem fed back; quarantine after that.
 
         A batch answer that was rejected continues here at ``first_repair`` 1, its repair turns in ``messages``.
+        ``key``: the request's cache key; the accepted answer is cached under it with its call.
         """
         messages = messages or prompt.messages
         problem = ""
@@ -231,16 +244,26 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
                 self.calls.stats["repairs"] += 1
                 prompt_tokens = self.count(prompt, messages)
                 self.check_fits(prompt_tokens)
-            reply, attempt = await self._send(item, prompt, messages, prompt_tokens, attempt)
+            reply, attempt, call_id = await self._send(item, prompt, messages, prompt_tokens, attempt, key)
             problem, answer_text = self.judge(reply)
             if not problem:
-                self.calls.record(
-                    item.seq, attempt, reply=reply, status=CallStatus.OK, prompt=prompt.messages, response=reply.content
+                answer = self.calls.answer(reply, answer_text)
+                await self.calls.record(
+                    item.seq,
+                    attempt,
+                    call_id=call_id,
+                    reply=reply,
+                    status=CallStatus.OK,
+                    prompt=prompt.messages,
+                    response=reply.content,
+                    request_key=key,
+                    answer=answer,
                 )
-                return self.calls.answer(reply, answer_text)
-            self.calls.record(
+                return answer
+            await self.calls.record(
                 item.seq,
                 attempt,
+                call_id=call_id,
                 reply=reply,
                 status=CallStatus.REJECTED,
                 error=problem,
@@ -294,9 +317,18 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
     # -- sending, under the step's retry policy ------------------------------------------
 
     async def _send(
-        self, item: Item, prompt: Prompt, messages: list[dict[str, Any]], prompt_tokens: int, attempt: int
-    ) -> tuple[Reply, int]:
-        """One request, tried as the step's ``retry:`` policy says; every attempt recorded.
+        self,
+        item: Item,
+        prompt: Prompt,
+        messages: list[dict[str, Any]],
+        prompt_tokens: int,
+        attempt: int,
+        key: str | None = None,
+    ) -> tuple[Reply, int, int]:
+        """One request, tried as the step's ``retry:`` policy says: (reply, attempts so far, its call's row).
+
+        Every attempt is a ``sent`` row before it leaves; a failed one gets its error here,
+        an answered one its usage from the caller (with the verdict on the answer).
 
         The engine's ``Caller`` does the waiting (the policy's backoff, or the server's
         retry-after); once it gives up the error is final, so the engine does not try the
@@ -307,25 +339,39 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
         params = self.params(messages)
         rate_tokens = self.rate_tokens(prompt, messages)
         tries = attempt
+        call_id = 0
 
         async def once() -> Reply:
-            nonlocal tries
+            nonlocal tries, call_id
             if self._fatal:
                 raise ModelError(f"not sent: {self._fatal}", retryable=False)
             bound = self.calls.upper_bound(prompt_tokens, cfg.max_output_tokens)
             self.calls.reserve(bound)
             tries += 1
-            ticket = await self.limiter.acquire(rate_tokens)
+            try:
+                ticket = await self.limiter.acquire(rate_tokens)
+            except BaseException:
+                self.calls.settle(bound, Decimal(0))
+                raise
             headers: Mapping[str, str] = {}
             try:
+                # write-ahead: the call is in the history before the request can be billed
+                call_id = await self.calls.sent(item.seq, tries, bound=bound, request_key=key)
+            except BaseException:
+                self.calls.settle(bound, Decimal(0))
+                self.limiter.done(ticket, headers)
+                raise
+            try:
+                self.limiter.sending(ticket)
                 reply = await complete(client, params)
                 headers = reply.headers
             except CallFailed as failed:
                 headers = failed.headers
                 self.calls.settle(bound, Decimal(0))
-                self.calls.record(
+                await self.calls.record(
                     item.seq,
                     tries,
+                    call_id=call_id,
                     reply=None,
                     status=CallStatus.ERROR,
                     error=failed.message,
@@ -343,6 +389,12 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
                     # everyone waits, not only this item: the limit is the account's
                     self.limiter.pause(failed.retry_after if failed.retry_after is not None else 1.0)
                 raise TransientModelError(failed.message, failed.retry_after) from None
+            except BaseException:
+                # cancelled (a timeout, an interrupted run) or broken while in flight: the
+                # provider may have answered and billed, so the call stays at its bound
+                self.calls.settle(bound, bound)
+                await asyncio.shield(self.calls.lost(call_id, bound))
+                raise
             finally:
                 self.limiter.done(ticket, headers)
             self.calls.settle(bound, self.calls.cost_of(reply))
@@ -360,7 +412,7 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             ) from None
         finally:
             self.calls.stats["retries"] += caller.retries
-        return reply, tries
+        return reply, tries, call_id
 
     # -- the end ----------------------------------------------------------------------
 
@@ -381,6 +433,8 @@ class OpenAITransform(TransformStep[OpenAITransformConfig]):
             parts.insert(1, f"{s['batches']} batch(es) at Batch API prices")
         if s["adopted"]:
             parts.append(f"{s['adopted']} batch(es) created before a restart picked up, not sent again")
+        if s["unconfirmed"]:
+            parts.append(f"{s['unconfirmed']} sent without an answer recorded (counted at their upper bound)")
         if s["rate_limited"]:
             parts.append(f"{s['rate_limited']} rate-limited (429)")
         if self.limiter.waited_s > 0:

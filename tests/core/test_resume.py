@@ -74,12 +74,15 @@ def test_kill_9_then_resume_delivers_each_item_once(tmp_path: Path, history_url:
         )
     )
     run_until_killed(flow, history_url)
-    assert sorted(received) == sorted(f"t{i}" for i in range(30))  # all posted before the crash
+    # items stream through post → after one by one: the crash at item 7 came after some posts
+    before = list(received)
+    assert before and len(before) == len(set(before))
 
     history = History(history_url)
     crashed_id = history.list_runs()[0].id
     assert {row.outcome for row in history.items(crashed_id)} == {"pending"}
-    assert all(row.delivered_by == ["post"] for row in history.items(crashed_id))
+    # every post that was answered was written down before the item moved on
+    assert {row.key for row in history.items(crashed_id) if row.delivered_by == ["post"]} == set(before)
 
     run_id, result = resume_crashed(flow, project / "plugins", history)
     assert result.status == "succeeded"
