@@ -20,6 +20,8 @@ BENCHMARKS = {
     "engine": "engine_bench",  # 10,000 items through four steps vs a plain loop
     "llm": "llm_throughput",  # 2,000 model calls against rate limits
     "daemon": "daemon_bench",  # 100 workflows firing every second
+    "kill": "kill_bench",  # 100 runs SIGKILLed at random moments and restarted: what each crash cost
+    "stream": "stream_bench",  # 1,000,000 items' peak memory; first delivery behind a 200 ms model step
 }
 
 

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,14 @@ def free_port() -> int:
 class DaemonProcess:
     """``automator daemon`` in a subprocess, logging JSON lines to a file."""
 
-    def __init__(self, workflows: Path, database_url: str, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self, workflows: Path, database_url: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.workflows = workflows
         self.database_url = database_url
         self.log_path = log_path
         self.extra = extra
+        self.env = env or {}  # on top of this process's environment (a model server's address, say)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -58,7 +62,7 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> DaemonProcess:
-        env = {**os.environ, "AUTOMATOR_DATABASE_URL": self.database_url}
+        env = {**os.environ, **self.env, "AUTOMATOR_DATABASE_URL": self.database_url}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -172,6 +176,16 @@ def read_history(history_url: str) -> Iterator[History]:
     store.close()
 
 
+@dataclass
+class Post:
+    """One request as the receiver saw it: a kill test tells from these what was in flight at the kill."""
+
+    key: str | None
+    body: Any
+    arrived: float  # time.monotonic()
+    answered: float | None = None
+
+
 class Receiver:
     """A webhook receiver that dedupes by idempotency key, as a careful one does."""
 
@@ -186,6 +200,8 @@ class Receiver:
         self.applied: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._handling = 0
+        self.posts: list[Post] = []  # every request from its arrival on, answered or not
+        self._arrived = threading.Condition(self._lock)
         server.expect_request("/hook").respond_with_handler(self._handle)
 
     @property
@@ -193,8 +209,11 @@ class Receiver:
         return self.server.url_for("/hook")
 
     def _handle(self, request: Request) -> Response:
+        post = Post(request.headers.get("Idempotency-Key"), request.get_json(silent=True), time.monotonic())
         with self._lock:
             self._handling += 1
+            self.posts.append(post)
+            self._arrived.notify_all()
         try:
             if self.delay:
                 time.sleep(self.delay)  # a slow receiver (server side), not a wait in a test
@@ -205,6 +224,7 @@ class Receiver:
                 self.requests.append((key, body))
                 if key is not None:
                     self.applied.setdefault(key, body)
+                post.answered = time.monotonic()
             return Response("ok")
         finally:
             with self._lock:
@@ -221,6 +241,12 @@ class Receiver:
     def count(self) -> int:
         with self._lock:
             return len(self.requests)
+
+    def wait_posts(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` requests have arrived (answered or not)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self.posts) >= count, timeout):
+                raise AssertionError(f"timed out after {timeout}s waiting for {count} requests to arrive")
 
 
 @pytest.fixture

