@@ -382,9 +382,10 @@ class Pipeline:
             self.recorder.chunk_done_now(chunk.row, chunk.endings)
             self.live.pop(chunk.row.seq, None)
 
-    async def finish_steps(self) -> None:
+    async def finish_steps(self, failed: dict[str, str] | None = None) -> None:
         """Each item step's row ends with its counts; a step no item reached gets one too,
-        unless the run stopped before it."""
+        unless the run stopped before it. ``failed``: steps whose close() failed, with why."""
+        failed = failed or {}
         for bound in self.workflow.steps:
             driver = self.drivers.get(bound.id)
             if driver is None or (driver.record.opening is None and self.stop is not None):
@@ -392,8 +393,13 @@ class Pipeline:
             await driver.open()
             summary = self.context.redactor.text(driver.step.summary())  # shown by `automator run`: no secrets
             driver.record.summary = summary
+            error = failed.get(bound.id)
             self.recorder.step_finished(
-                driver.record, status=StepStatus.SUCCEEDED, error=None, retries=driver.caller.retries, summary=summary
+                driver.record,
+                status=StepStatus.FAILED if error else StepStatus.SUCCEEDED,
+                error=error,
+                retries=driver.caller.retries,
+                summary=summary,
             )
 
     def summaries(self) -> list[tuple[str, str]]:

@@ -176,23 +176,32 @@ class Run:
         return self.pipeline
 
     async def _finish_pipeline(self, pipeline: Pipeline) -> None:
-        await self._close_steps()
-        await pipeline.finish_steps()
+        failed = await self._close_steps()
+        await pipeline.finish_steps(failed)
         self.summaries = pipeline.summaries()
         if pipeline.stop is not None:
             raise _StopRun(pipeline.stop.error, pipeline.stop.step_id)
+        if failed:
+            # a deliverer that finishes its delivery in close() (file.deliver assembles its
+            # file there) did not: the run must not say it succeeded
+            step_id, error = next(iter(failed.items()))
+            raise _StopRun(f"step {step_id} could not finish: {error}", step_id)
 
-    async def _close_steps(self) -> None:
-        """Each step's close(), once, in order (a file deliverer assembles its file here)."""
+    async def _close_steps(self) -> dict[str, str]:
+        """Each step's close(), once, in order; the steps whose close() failed, with why."""
         pipeline = self.pipeline
+        failed: dict[str, str] = {}
         if pipeline is None:
-            return
+            return failed
         steps, pipeline.steps = pipeline.steps, {}
         for step in steps.values():
             try:
                 await step.close()
-            except Exception as exc:  # noqa: BLE001 - a failing close is logged; the outcomes stand
-                log.warning("step %s: close() failed: %s", step.step_id, describe_error(exc))
+            except Exception as exc:  # noqa: BLE001 - recorded on the step and the run
+                error = self.context.redactor.text(describe_error(exc)) if self.context else describe_error(exc)
+                log.warning("step %s: close() failed: %s", step.step_id, error)
+                failed[step.step_id] = error or type(exc).__name__
+        return failed
 
     async def notify_failure(self, run_id: int) -> RunResult:
         """Run the on_failure steps for a run that ended without its engine (it crashed)."""

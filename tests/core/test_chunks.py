@@ -173,3 +173,42 @@ def test_an_expired_lease_can_be_claimed_and_a_done_chunk_never(history: History
         return [expired, taken_over, done]
 
     assert asyncio.run(scenario()) == [True, True, False]
+
+
+# --- a deliverer that finishes its delivery in close() ----------------------------------------
+
+
+class Assembles(DeliverStep[StepConfig]):
+    """Like file.deliver: takes chunks, finishes the delivery in close(); here close() fails."""
+
+    name = "chunks.assembles"
+
+    def deliver_batch(self, items: list[Item]) -> None:
+        pass
+
+    async def close(self) -> None:
+        raise RuntimeError("disk full while assembling")
+
+
+class AssemblingSteps:
+    @hookimpl
+    def register_step_types(self, register: Any) -> None:
+        register(Assembles)
+
+
+def test_a_delivery_that_cannot_finish_in_close_fails_the_run(automator_runner: WorkflowRunner) -> None:
+    FIRST_DELIVERY.clear()
+    FIRST_DELIVERY["event"] = asyncio.Event()
+    FIRST_DELIVERY["event"].set()
+    result = automator_runner.run(
+        """
+        name: assembling
+        steps:
+          - {id: read, uses: chunks.pages, with: {pages: 1, per_page: 3}}
+          - {id: write, uses: chunks.assembles}
+        """,
+        plugins=[Steps(), AssemblingSteps()],
+    )
+    assert result.status == "failed"
+    assert result.error is not None and "disk full while assembling" in result.error
+    assert result.step("write").status == "failed"
