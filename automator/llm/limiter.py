@@ -95,11 +95,16 @@ class Bucket:
         if self.limit is not None:
             self.level -= amount
 
-    def learn(self, limit: int | None, remaining: int | None, sent_since: float = 0.0) -> None:
+    def learn(self, limit: int | None, remaining: int | None, unsent: float = 0.0, sent_after: float = 0.0) -> None:
         """Take the server's word: its limit, and what remained of it when it counted a request.
 
-        The API counts a request when it arrives, so the ``remaining`` of an answer does
-        not include the requests sent after that one (``sent_since``); all of them count.
+        The API counts a request when it arrives. An answer's ``remaining`` cannot include
+        our requests not sent yet (``unsent``); those sent after the answered one
+        (``sent_after``) it may or may not include, depending on when they arrived. Our own
+        count already holds every request we sent, so it is lowered only when the server
+        says less remains than even the kindest reading (someone else uses the same key);
+        the first limit heard of starts the count from the server's word, every request
+        not known to be in it taken off.
         """
         if limit is not None and limit > 0 and limit != self.learned:
             first = self.learned is None and self.configured is None
@@ -108,9 +113,12 @@ class Bucket:
                 # the first limit heard of: the server's remaining count (below) says how full it is
                 self.level = self.capacity
                 self.stamp = self.clock()
+                if remaining is not None:
+                    self.level = min(self.level, float(remaining) - unsent - sent_after)
+                return
         if remaining is not None and self.limit is not None:
             self.refill()
-            self.level = min(self.level, float(remaining) - sent_since)
+            self.level = min(self.level, float(remaining) - unsent)
 
 
 class RateLimiter:
@@ -179,20 +187,23 @@ class RateLimiter:
         """
         entry = self._in_flight.pop(ticket, None)
         mine = entry[1] if entry is not None else None
-        later = [
+        unsent = [int(tokens or 0) for tokens, order in self._in_flight.values() if order is None]
+        after = [
             int(tokens or 0)
             for tokens, order in self._in_flight.values()
-            if order is None or mine is None or order > mine
+            if order is not None and (mine is None or order > mine)
         ]
         self.requests.learn(
             _int_header(headers, "x-ratelimit-limit-requests"),
             _int_header(headers, "x-ratelimit-remaining-requests"),
-            len(later),
+            len(unsent),
+            len(after),
         )
         self.tokens.learn(
             _int_header(headers, "x-ratelimit-limit-tokens"),
             _int_header(headers, "x-ratelimit-remaining-tokens"),
-            sum(later),
+            sum(unsent),
+            sum(after),
         )
 
     def pause(self, seconds: float) -> None:
