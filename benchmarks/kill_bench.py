@@ -98,7 +98,7 @@ def describe(result: TrialResult) -> str:
     return (
         f"{result.mode}, killed {result.kill_point}: re-sent {result.resent} ({result.posts_in_flight} in flight), "
         f"paid twice {result.paid_twice} ({result.calls_in_flight} in flight), "
-        f"cost billed-recorded {result.cost_difference_usd:.6f} USD" + (f"; {len(bad)} targets missed" if bad else "")
+        f"cost billed-recorded {result.cost_difference_usd:.6f} USD" + (f"; missed: {'; '.join(bad)}" if bad else "")
     )
 
 

@@ -68,6 +68,7 @@ class _Pages:
         self._iter: Iterator[Any] | None = None
         self._queue: asyncio.Queue[Any] | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._ahead: asyncio.Future[list[Any]] | None = None
         self.blocking = blocking
         if source is None:
             self._list = []
@@ -107,11 +108,14 @@ class _Pages:
             return part
         if self._iter is not None:
             source = self._iter
-            part = (
-                await asyncio.to_thread(lambda: list(islice(source, size)))
-                if self.blocking
-                else list(islice(source, size))
-            )
+            if self.blocking:  # a generator that reads files or sockets: in a thread, a chunk at a time
+                ahead, self._ahead = self._ahead, None
+                part = await (ahead if ahead is not None else asyncio.to_thread(lambda: list(islice(source, size))))
+                if len(part) == size:
+                    # the next chunk is read while this one goes on (one chunk ahead, no more)
+                    self._ahead = asyncio.ensure_future(asyncio.to_thread(lambda: list(islice(source, size))))
+            else:
+                part = list(islice(source, size))
             if len(part) < size:
                 self.done = True
             return part
@@ -134,6 +138,11 @@ class _Pages:
                 return page  # the page so far goes on while the next one is fetched
 
     async def close(self) -> None:
+        if self._ahead is not None:
+            # a read in its thread cannot be stopped: let it end, and drop what it read
+            with contextlib.suppress(Exception):
+                await self._ahead
+            self._ahead = None
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -49,6 +49,7 @@ class Chunk:
     endings: list[Ending] = field(default_factory=list)
     ended: set[int] = field(default_factory=set)
     passed: dict[int, list[str]] = field(default_factory=dict)  # item seq -> deliver steps it passed
+    written: bool = False  # in the ledger (until then its items are not the run's yet)
 
 
 @dataclass
@@ -113,12 +114,12 @@ class Pipeline:
         try:
             async for part in pages:
                 await self.slots.acquire()  # a chunk is admitted only when one may go: backpressure
-                try:
-                    chunk = await self._admit(bound, index, part)
-                except BaseException:
-                    self.slots.release()
-                    raise
-                self._spawn(chunk)
+                # numbered and keyed here, in fetch order; written (and checked for repeats)
+                # by its own task, so the fetch goes on to the next page meanwhile. The
+                # history's writes are done in the order they are queued: a chunk's check
+                # for repeats sees every chunk before it.
+                chunk, endings = self._prepare(bound, index, part)
+                self._spawn(chunk, admit=(bound, endings))
                 if self.stop is not None:
                     break
         except FetchFailed as failed:
@@ -128,8 +129,8 @@ class Pipeline:
             await pages.aclose()
         driver.finished()
 
-    async def _admit(self, bound: BoundStep, index: int, raw: list[Any]) -> Chunk:
-        """Number the items, give them keys, write the chunk, and end repeats (``only_new``)."""
+    def _prepare(self, bound: BoundStep, index: int, raw: list[Any]) -> tuple[Chunk, list[Ending]]:
+        """Number the items and give them keys (a key that cannot be made fails its item)."""
         first = self.next_seq
         self.next_seq += len(raw)
         items: list[Item] = []
@@ -146,8 +147,13 @@ class Pipeline:
             items.append(item)
         row = ChunkRow(self.next_chunk, first, len(items), bound.id, ChunkStatus.OPEN, self.recorder.owner)
         self.next_chunk += 1
-        await self.recorder.chunk_fetched(row, items)
-        chunk = Chunk(row, index + 1, items)
+        return Chunk(row, index + 1, items), endings
+
+    async def _admit(self, bound: BoundStep, chunk: Chunk, endings: list[Ending]) -> None:
+        """Write the chunk before any step sees it, and end repeats (``only_new``)."""
+        items = chunk.items
+        await self.recorder.chunk_fetched(chunk.row, items)
+        chunk.written = True
         for ending in endings:
             self._end(chunk, ending)
         keys = [i.key for i in items if i.key is not None and i.seq not in chunk.ended]
@@ -165,7 +171,6 @@ class Pipeline:
                 elif firsts.get(item.key, item.seq) != item.seq:
                     reason = f"duplicate key {item.key!r} (same as item {firsts[item.key]})"
                     self._end(chunk, Ending(item, Outcome.SKIPPED, bound.id, reason))
-        return chunk
 
     # -- a resumed run ---------------------------------------------------------------------
 
@@ -204,7 +209,7 @@ class Pipeline:
 
     def _restored(self, row: ChunkRow, rows: list[Any], entry: int) -> Chunk:
         items: list[Item] = []
-        chunk = Chunk(row, entry + 1, items)
+        chunk = Chunk(row, entry + 1, items, written=True)
         for seq, key, data, delivered_by, sending in rows:
             items.append(Item(seq=seq, data=data, key=key, steps={row.fetched_by: data}))
             if delivered_by:
@@ -228,9 +233,9 @@ class Pipeline:
 
     # -- the item side -----------------------------------------------------------------
 
-    def _spawn(self, chunk: Chunk) -> None:
+    def _spawn(self, chunk: Chunk, admit: tuple[BoundStep, list[Ending]] | None = None) -> None:
         self.live[chunk.row.seq] = chunk
-        task = asyncio.get_running_loop().create_task(self._run_chunk(chunk))
+        task = asyncio.get_running_loop().create_task(self._run_chunk(chunk, admit))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -252,8 +257,10 @@ class Pipeline:
                     await asyncio.gather(*self._tasks, return_exceptions=True)
                     raise task.exception()  # type: ignore[misc]
 
-    async def _run_chunk(self, chunk: Chunk) -> None:
+    async def _run_chunk(self, chunk: Chunk, admit: tuple[BoundStep, list[Ending]] | None = None) -> None:
         try:
+            if admit is not None:
+                await self._admit(admit[0], chunk, admit[1])
             live = [i for i in chunk.items if i.seq not in chunk.ended]
             steps = [b for b in self.workflow.steps[chunk.entry :] if b.phase is not Phase.FETCH]
             at = 0
@@ -375,6 +382,10 @@ class Pipeline:
     def end_leftovers(self, reason: str, step_id: str | None) -> None:
         """The items of unfinished chunks fail (``not processed: …``) and their chunks end."""
         for chunk in list(self.live.values()):
+            if not chunk.written:
+                # cut off before it was written: its items never entered the run's ledger
+                self.live.pop(chunk.row.seq, None)
+                continue
             for item in chunk.items:
                 if item.seq not in chunk.ended:
                     chunk.endings.append(Ending(item, Outcome.FAILED, step_id, f"not processed: {reason}"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +30,7 @@ log = logging.getLogger("automator.history")
 # a transaction takes at most this many writes: a bounded commit keeps the wait of the
 # first one short when the queue is long
 MAX_GROUP = 2000
+SWITCH_INTERVAL = 0.0005
 
 
 class _Stop:
@@ -70,6 +72,11 @@ class GroupCommit:
             return
         with self._lock:
             if self._thread is None:
+                # the writer needs the GIL for a moment at each step of a commit; at Python's
+                # default switch interval (5 ms) a busy event loop would keep it waiting that
+                # long each time, and an answered request's record with it
+                if sys.getswitchinterval() > SWITCH_INTERVAL:
+                    sys.setswitchinterval(SWITCH_INTERVAL)
                 self._thread = threading.Thread(target=self._serve, name="automator-history-writer", daemon=True)
                 self._thread.start()
 

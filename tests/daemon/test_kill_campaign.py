@@ -3,8 +3,9 @@
 Under the daemon and as ``automator run``, killed while the model step answers and while
 deliveries go out, then restarted: every item ends in one outcome, no run stays running,
 a delivery is sent again only if it was in flight at the kill (at most the step's
-concurrency, with the same Idempotency-Key), no model call answered before the kill is
-paid again, and every answered call is recorded at the cost it was billed.
+concurrency, with the same Idempotency-Key), no model call whose answer the history had
+recorded is paid again, and every billed answer is recorded at the cost it was billed or,
+lost in the kill, covered by an unconfirmed row at its upper-bound cost.
 The harness (and the benchmark's random kills) is tests/daemon/kill_campaign.py.
 """
 
