@@ -167,7 +167,8 @@ class FetchDriver:
 
         def failed_attempt(exc: BaseException) -> None:
             # each try of a fetch is its own step attempt in the history
-            self._failed(exc, 0)
+            error = timeout_text(exc, self.caller) or describe_error(exc)
+            recorder.step_failed_soon(self.record, error=error, retries=0)
             self.record = recorder.new_attempt(self.record)
 
         async def start() -> tuple[_Pages, list[Any]]:
@@ -185,7 +186,7 @@ class FetchDriver:
         try:
             pages, first = await self.caller.call(start)
         except Exception as exc:  # noqa: BLE001 - any failure of the fetch ends the run, recorded
-            error = self._failed(exc, self.caller.retries)
+            error = await self._failed(exc, self.caller.retries)
             raise FetchFailed(f"step {bound.id} ({bound.type.name}) failed: {error}", bound.id) from None
         try:
             part = first
@@ -196,22 +197,24 @@ class FetchDriver:
                 try:
                     part = await pages.take(size)
                 except Exception as exc:  # noqa: BLE001 - a page failed after others went on
-                    error = self._failed(exc, self.caller.retries)
+                    error = await self._failed(exc, self.caller.retries)
                     raise FetchFailed(
                         f"step {bound.id} ({bound.type.name}) failed after {self.count} items: {error}", bound.id
                     ) from None
         finally:
             await pages.close()
 
-    def _failed(self, exc: BaseException, retries: int) -> str:
+    async def _failed(self, exc: BaseException, retries: int) -> str:
         error = timeout_text(exc, self.caller) or describe_error(exc)
-        self.recorder.step_finished(self.record, status=StepStatus.FAILED, error=error, retries=retries, summary=None)
+        await self.recorder.step_finished(
+            self.record, status=StepStatus.FAILED, error=error, retries=retries, summary=None
+        )
         return error
 
-    def finished(self) -> None:
+    async def finished(self) -> None:
         summary = self.recorder.context.redactor.text(self.step.summary())  # shown by `automator run`: no secrets
         self.record.summary = summary
-        self.recorder.step_finished(
+        await self.recorder.step_finished(
             self.record, status=StepStatus.SUCCEEDED, error=None, retries=self.caller.retries, summary=summary
         )
 

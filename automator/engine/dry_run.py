@@ -140,9 +140,6 @@ class DryRecorder(Recorder):
     async def chunk_done(self, chunk: ChunkRow, endings: Sequence[Ending]) -> None:
         self._count([e for e in endings if not e.recorded])
 
-    def chunk_done_now(self, chunk: ChunkRow, endings: Sequence[Ending]) -> None:
-        self._count([e for e in endings if not e.recorded])
-
     def _count(self, endings: Sequence[Ending]) -> None:
         for e in endings:
             self.counts[e.outcome] += 1
@@ -159,18 +156,18 @@ class DryRecorder(Recorder):
             record.opening.set_result(record.row_id)
         return await asyncio.shield(record.opening)
 
-    def step_finished(
+    async def step_finished(
         self, record: StepRecord, *, status: StepStatus, error: str | None, retries: int, summary: str | None
     ) -> None:
-        if record.row_id is None or record.finished:
-            return
-        record.finished = True
-        self.open_steps.pop(record.row_id, None)
+        self._step_end(record, status=status, error=error, retries=retries, summary=summary)
+
+    def step_failed_soon(self, record: StepRecord, *, error: str, retries: int) -> None:
+        self._step_end(record, status=StepStatus.FAILED, error=error, retries=retries, summary=None)
 
     async def heartbeat(self) -> None:
         return None
 
-    def run_finished(self, status: RunStatus, error: str | None, error_step: str | None, duration: float) -> None:
+    async def run_finished(self, status: RunStatus, error: str | None, error_step: str | None, duration: float) -> None:
         return None
 
 

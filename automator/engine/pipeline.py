@@ -127,7 +127,7 @@ class Pipeline:
             return
         finally:
             await pages.aclose()
-        driver.finished()
+        await driver.finished()
 
     def _prepare(self, bound: BoundStep, index: int, raw: list[Any]) -> tuple[Chunk, list[Ending]]:
         """Number the items and give them keys (a key that cannot be made fails its item)."""
@@ -379,7 +379,7 @@ class Pipeline:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def end_leftovers(self, reason: str, step_id: str | None) -> None:
+    async def end_leftovers(self, reason: str, step_id: str | None) -> None:
         """The items of unfinished chunks fail (``not processed: …``) and their chunks end."""
         for chunk in list(self.live.values()):
             if not chunk.written:
@@ -390,7 +390,7 @@ class Pipeline:
                 if item.seq not in chunk.ended:
                     chunk.endings.append(Ending(item, Outcome.FAILED, step_id, f"not processed: {reason}"))
                     chunk.ended.add(item.seq)
-            self.recorder.chunk_done_now(chunk.row, chunk.endings)
+            await self.recorder.chunk_done(chunk.row, chunk.endings)
             self.live.pop(chunk.row.seq, None)
 
     async def finish_steps(self, failed: dict[str, str] | None = None) -> None:
@@ -405,7 +405,7 @@ class Pipeline:
             summary = self.context.redactor.text(driver.step.summary())  # shown by `automator run`: no secrets
             driver.record.summary = summary
             error = failed.get(bound.id)
-            self.recorder.step_finished(
+            await self.recorder.step_finished(
                 driver.record,
                 status=StepStatus.FAILED if error else StepStatus.SUCCEEDED,
                 error=error,

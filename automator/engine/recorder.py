@@ -125,12 +125,6 @@ class Recorder:
         await self.ledger.finish_chunk(self.run_id, chunk.seq, [self.ending_row(e) for e in fresh])
         self._announce(fresh)
 
-    def chunk_done_now(self, chunk: ChunkRow, endings: Sequence[Ending]) -> None:
-        """As :meth:`chunk_done`, from the run's end (which may be a cancellation): waits in place."""
-        fresh = [e for e in endings if not e.recorded]
-        self.ledger.finish_chunk_now(self.run_id, chunk.seq, [self.ending_row(e) for e in fresh])
-        self._announce(fresh)
-
     def _announce(self, endings: Sequence[Ending]) -> None:
         redactor = self.context.redactor
         for e in endings:
@@ -181,33 +175,50 @@ class Recorder:
             return row_id
         return await asyncio.shield(record.opening)
 
-    def step_finished(
+    async def step_finished(
         self, record: StepRecord, *, status: StepStatus, error: str | None, retries: int, summary: str | None
     ) -> None:
-        """The step's row ends (written through the writer, waited in place: it may be the run's end)."""
+        """The step's row ends, with its counts; then the plugins hear it."""
+        fields = self._step_end(record, status=status, error=error, retries=retries, summary=summary)
+        if fields is not None:
+            await self.history.step_finished(record.row_id or 0, **fields)
+            self._step_end_event(record, fields)
+
+    def step_failed_soon(self, record: StepRecord, *, error: str, retries: int) -> None:
+        """A failed try of a fetch, from the retry's callback (not a coroutine): its row's end is
+        queued (written in order with the rest), not waited for."""
+        fields = self._step_end(record, status=StepStatus.FAILED, error=error, retries=retries, summary=None)
+        if fields is not None:
+            self.history.step_finished_soon(record.row_id or 0, **fields)
+            self._step_end_event(record, fields)
+
+    def _step_end(
+        self, record: StepRecord, *, status: StepStatus, error: str | None, retries: int, summary: str | None
+    ) -> dict[str, Any] | None:
         if record.row_id is None or record.finished:
-            return
+            return None
         record.finished = True
         self.open_steps.pop(record.row_id, None)
         redact = self.context.redactor.text
+        return {
+            "status": status,
+            "error": redact(error),
+            "items_in": record.items_in,
+            "items_out": record.items_out,
+            "retries": retries,
+            "summary": redact(summary),
+        }
+
+    def _step_end_event(self, record: StepRecord, fields: dict[str, Any]) -> None:
         bound = record.bound
-        self.history.step_finished_now(
-            record.row_id,
-            status=status,
-            error=redact(error),
-            items_in=record.items_in,
-            items_out=record.items_out,
-            retries=retries,
-            summary=redact(summary),
-        )
         self.plugins.step_finished(
             StepFinished(
                 self.context.info,
                 bound.id,
                 bound.type.name,
                 str(bound.phase),
-                status,
-                redact(error),
+                fields["status"],
+                fields["error"],
                 record.items_in,
                 record.items_out,
                 time.monotonic() - record.started,
@@ -228,8 +239,8 @@ class Recorder:
         await self.history.save_counts(self.run_id, counts)
         await self.ledger.renew(self.run_id, self.owner, LEASE)
 
-    def run_finished(self, status: RunStatus, error: str | None, error_step: str | None, duration: float) -> None:
-        self.history.run_finished_now(
+    async def run_finished(self, status: RunStatus, error: str | None, error_step: str | None, duration: float) -> None:
+        await self.history.run_finished(
             self.run_id, status=status, error=error, error_step=error_step, counts=self.counts
         )
         self.plugins.run_finished(RunFinished(self.context.info, status, error, dict(self.counts), duration))

@@ -263,19 +263,20 @@ class Run:
                 await heartbeat
             await self._close_steps()
             duration = time.monotonic() - started
-            error = self._end(status, error, error_step, duration)
+            error = await self._end(status, error, error_step, duration)
             status = self._status
             error_step = self._error_step
         if status != RunStatus.SUCCEEDED and wf.on_failure:
             await self._on_failure(status, error, error_step)
         return RunResult(info.id, wf.name, status, error, error_step, dict(self.counts), self.summaries, duration)
 
-    def _end(self, status: RunStatus, error: str | None, error_step: str | None, duration: float) -> str | None:
+    async def _end(self, status: RunStatus, error: str | None, error_step: str | None, duration: float) -> str | None:
         """The run's end in the history: leftover items fail, open steps close, the run row ends.
 
-        Runs in the ``finally`` of the run, possibly while it is being cancelled: it waits on
-        the history in place rather than awaiting. Raises HistoryError (saying the run is
-        left to recover) when the database does not take it.
+        Runs in the ``finally`` of the run, possibly while it is being cancelled: its writes
+        are queued in order and done whatever happens to the run's task (History.commit is
+        shielded). Raises HistoryError (saying the run is left to recover) when the database
+        does not take it.
         """
         assert self.recorder is not None
         assert self.context is not None
@@ -284,15 +285,15 @@ class Run:
         try:
             leftover = error or "the run ended before the item was processed"
             if self.pipeline is not None:
-                self.pipeline.end_leftovers(leftover, error_step)
+                await self.pipeline.end_leftovers(leftover, error_step)
             if status == RunStatus.SUCCEEDED and self.counts["failed"]:
                 assert recorder.first_failure is not None
                 step_id, reason = recorder.first_failure
                 status, error_step = RunStatus.FAILED, step_id
                 error = f"{self.counts['failed']} item(s) failed; first: {reason}"
             error = self.context.redactor.text(error)
-            self._close_open_steps(status, error)
-            recorder.run_finished(status, error, error_step, duration)
+            await self._close_open_steps(status, error)
+            await recorder.run_finished(status, error, error_step, duration)
         except HistoryError as exc:
             raise HistoryError(
                 f"run {run_id} ended {status}{f' ({error})' if error else ''}, but the history could not "
@@ -304,12 +305,12 @@ class Run:
         self._error_step = error_step
         return error
 
-    def _close_open_steps(self, run_status: str, error: str | None) -> None:
+    async def _close_open_steps(self, run_status: str, error: str | None) -> None:
         """Steps the run's end cut short (a signal, the run's timeout) end with the run."""
         assert self.recorder is not None
         status = run_status if run_status in (RunStatus.INTERRUPTED, RunStatus.TIMED_OUT) else StepStatus.FAILED
         for record in list(self.recorder.open_steps.values()):
-            self.recorder.step_finished(
+            await self.recorder.step_finished(
                 record,
                 status=StepStatus(status),
                 error=error or f"the run ended {run_status} before the step finished",
@@ -368,7 +369,9 @@ class Run:
             finally:
                 await step.close()
             record.items_out = 1 if outcome == StepStatus.SUCCEEDED else 0
-            self.recorder.step_finished(record, status=outcome, error=problem, retries=caller.retries, summary=None)
+            await self.recorder.step_finished(
+                record, status=outcome, error=problem, retries=caller.retries, summary=None
+            )
 
 
 async def run_workflow(

@@ -360,10 +360,6 @@ class Ledger:
         """The chunk's last outcomes and its end, in one transaction."""
         await self.history.commit(_finish_chunk(run_id, seq, rows))
 
-    def finish_chunk_now(self, run_id: int, seq: int, rows: Sequence[OutcomeRow]) -> None:
-        """As :meth:`finish_chunk`, waiting in place (the run's end, which may be a cancellation)."""
-        self.history.submit(_finish_chunk(run_id, seq, rows)).result()
-
     async def claim(self, run_id: int, seq: int, owner: str, lease: timedelta) -> bool:
         return bool(await self.history.commit(claim_chunk(run_id, seq, owner, lease)))
 

@@ -76,19 +76,22 @@ class RunStore(Protocol):
         """A step attempt starting, in a shared commit off the event loop; its row id once durable."""
         ...
 
-    def step_finished_now(self, attempt_id: int, **fields: Any) -> None:
-        """A step attempt's end (status, error, items_in, items_out, retries, summary), after the
-        writes queued before it; waits in place."""
+    def step_finished_soon(self, attempt_id: int, **fields: Any) -> None:
+        """A step attempt's end, queued in order with the other writes, not waited for."""
+        ...
+
+    async def step_finished(self, attempt_id: int, **fields: Any) -> None:
+        """A step attempt's end, in a shared commit."""
+        ...
+
+    async def run_finished(
+        self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
+    ) -> None:
+        """The run's end, in a shared commit after the writes queued before it."""
         ...
 
     async def save_counts(self, run_id: int, counts: dict[str, int]) -> None:
         """The run's counts so far (and a heartbeat), in a shared commit."""
-        ...
-
-    def run_finished_now(
-        self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
-    ) -> None:
-        """The run's end, after the writes queued before it; waits in place."""
         ...
 
     @property
@@ -194,10 +197,6 @@ class WriteAheadLedger(Protocol):
 
     async def finish_chunk(self, run_id: int, seq: int, rows: Sequence[OutcomeRow]) -> None:
         """A chunk's last outcomes and its end, in one transaction."""
-        ...
-
-    def finish_chunk_now(self, run_id: int, seq: int, rows: Sequence[OutcomeRow]) -> None:
-        """As ``finish_chunk``, waiting in place (the run's end)."""
         ...
 
     def counts(self, run_id: int) -> dict[str, int]:

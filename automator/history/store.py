@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -91,7 +92,9 @@ class History:
         the database, and concurrent writes share one commit (see :mod:`.group_commit`).
         A locked database is retried as :meth:`write` retries it.
         """
-        return await self._group.commit(work)
+        # shielded: a write once queued is done, even if the run that waits for it is
+        # cancelled meanwhile (its end, say, written while a signal stops it)
+        return await asyncio.shield(self._group.commit(work))
 
     def submit(self, work: Callable[[Connection], T]) -> Future[T]:
         """Queue ``work`` for the writer thread without waiting (a write the caller checks later)."""
@@ -260,21 +263,25 @@ class History:
         )
         return await self.commit(work)
 
-    def step_finished_now(self, attempt_id: int, **fields: Any) -> None:
-        """As :meth:`finish_step` (``items_in`` too), after the writes queued before it; waits in place
-        (it may be the run's end, while the run is being cancelled)."""
-        self.submit(self.finish_step_work(attempt_id, **fields)).result()
+    async def step_finished(self, attempt_id: int, **fields: Any) -> None:
+        """As :meth:`finish_step` (``items_in`` too), in a shared commit."""
+        await self.commit(self.finish_step_work(attempt_id, **fields))
+
+    async def run_finished(
+        self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
+    ) -> None:
+        """As :meth:`finish_run`, in a shared commit after the writes queued before it."""
+        await self.commit(
+            self.finish_run_work(run_id, status=status, error=error, error_step=error_step, counts=counts)
+        )
+
+    def step_finished_soon(self, attempt_id: int, **fields: Any) -> None:
+        """As :meth:`step_finished`, queued but not waited for (from code that is not a coroutine)."""
+        self.submit(self.finish_step_work(attempt_id, **fields))
 
     async def save_counts(self, run_id: int, counts: dict[str, int]) -> None:
         """As :meth:`update_counts`, in a shared commit."""
         await self.commit(self.counts_work(run_id, counts))
-
-    def run_finished_now(
-        self, run_id: int, *, status: str, error: str | None, error_step: str | None, counts: dict[str, int]
-    ) -> None:
-        """As :meth:`finish_run`, after the writes queued before it; waits in place."""
-        work = self.finish_run_work(run_id, status=status, error=error, error_step=error_step, counts=counts)
-        self.submit(work).result()
 
     def unfinished_runs(self, workflow: str | None = None) -> list[UnfinishedRun]:
         """Runs not ended: ``running``, or ``crashed`` and neither resumed nor failed yet.
