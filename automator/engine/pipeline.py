@@ -387,7 +387,7 @@ class Pipeline:
                 self.live.pop(chunk.row.seq, None)
                 continue
             for item in chunk.items:
-                if item.seq not in chunk.ended:
+                if item.seq not in chunk.ended and item.seq not in self.recorder.outcome_queued:
                     chunk.endings.append(Ending(item, Outcome.FAILED, step_id, f"not processed: {reason}"))
                     chunk.ended.add(item.seq)
             await self.recorder.chunk_done(chunk.row, chunk.endings)

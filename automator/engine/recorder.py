@@ -76,6 +76,8 @@ class Recorder:
         self._item_events = plugins.wants_item_events  # asked once: it is per item otherwise
         self.steps: dict[str, StepRecord] = {}
         self.open_steps: dict[int, StepRecord] = {}
+        # items of live chunks whose outcome is written (or queued) already: kept per chunk
+        self.outcome_queued: set[int] = set()
 
     # -- chunks and items ----------------------------------------------------------------
 
@@ -114,16 +116,27 @@ class Recorder:
         )
 
     async def ended(self, endings: Sequence[Ending]) -> None:
-        """Outcomes that must be durable now (a delivery's result): written, then announced."""
-        if endings:
+        """Outcomes that must be durable now (a delivery's result): written, then announced.
+
+        Once queued the write is done even if the run is cancelled while it waits (a timeout):
+        the items count as ended then too, so the run's end does not fail them afterwards.
+        """
+        if not endings:
+            return
+        self.outcome_queued.update(e.item.seq for e in endings)
+        try:
             await self.ledger.ended(self.run_id, [self.ending_row(e) for e in endings])
+        except asyncio.CancelledError:
             self._announce(endings)
+            raise
+        self._announce(endings)
 
     async def chunk_done(self, chunk: ChunkRow, endings: Sequence[Ending]) -> None:
         """The chunk's remaining outcomes and its end, in one transaction."""
-        fresh = [e for e in endings if not e.recorded]
+        fresh = [e for e in endings if not e.recorded and e.item.seq not in self.outcome_queued]
         await self.ledger.finish_chunk(self.run_id, chunk.seq, [self.ending_row(e) for e in fresh])
         self._announce(fresh)
+        self.outcome_queued.difference_update(range(chunk.first, chunk.first + chunk.size))
 
     def _announce(self, endings: Sequence[Ending]) -> None:
         redactor = self.context.redactor
