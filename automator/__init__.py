@@ -33,6 +33,7 @@ from automator.plugins.events import (
 from automator.plugins.hookspecs import hookimpl
 from automator.plugins.manager import Plugins, load_plugins
 from automator.plugins.steps import (
+    Checkpoint,
     DeliverStep,
     FetchStep,
     Item,
@@ -49,6 +50,7 @@ from automator.spec.loader import Workflow, load_workflow
 
 __all__ = [
     "AutomatorError",
+    "Checkpoint",
     "ConfigError",
     "DeliverStep",
     "Duration",

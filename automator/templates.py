@@ -41,7 +41,7 @@ from markupsafe import EscapeFormatter, Markup
 
 from automator.errors import TemplateRenderError
 
-CONTEXT_NAMES = frozenset({"item", "steps", "run", "secrets", "params"})
+CONTEXT_NAMES = frozenset({"item", "steps", "run", "secrets", "params", "items", "group"})  # items, group: digests
 
 # --- limits -------------------------------------------------------------------------
 # Documented in docs/workflows.md ("Templates", "Limits"); a render past one fails its item.

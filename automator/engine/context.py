@@ -88,6 +88,9 @@ class RunContext:
     def template_context(self, item: Item | None = None) -> Mapping[str, Any]:
         if item is None:
             return self._base
+        if item.members is not None:  # a digest: its templates read `items` and `group`
+            data = item.data
+            return {**self._base, "item": data, "steps": item.steps, "items": data["items"], "group": data["group"]}
         return {**self._base, "item": item.data, "steps": item.steps}
 
     # rendering uses the templates of this run's plugins: their filters and globals only

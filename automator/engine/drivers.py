@@ -248,6 +248,16 @@ class ItemDriver:
         self.record: StepRecord = recorder.step(bound)
         self.last = last  # the workflow's last step: a delivery there ends the item
         self.delivers = bound.phase is Phase.DELIVER
+        self.when = bound.spec.when
+
+    def passes_by(self, item: Item) -> bool:
+        """True when the step's ``when:`` is false for the item: it passes the step untouched.
+
+        Raises StepError when the template cannot be rendered for the item.
+        """
+        if self.when is None:
+            return False
+        return not truthy(self.recorder.context.render(self.when, item))
 
     async def open(self, items_in: int = 0) -> None:
         """The step's row, when the first chunk reaches it (``items_in``: that chunk's items)."""
@@ -267,6 +277,9 @@ class ItemDriver:
         if self.bound.phase is Phase.TRANSFORM:
             if result is None:
                 return Ending(item, Outcome.SKIPPED, self.bound.id, f"filtered out by {self.bound.id}")
+            if isinstance(result, list):  # a split: the pipeline makes the new items
+                reason = f"split into {len(result)} items by {self.bound.id}"
+                return Ending(item, Outcome.SKIPPED, self.bound.id, reason, children=result)
             item.data = result if isinstance(result, dict) else {"value": result}
         item.steps = {**item.steps, self.bound.id: item.data}
         return None
@@ -279,6 +292,17 @@ class ItemDriver:
             return list(endings)
         await self.recorder.passed(self.bound, items, passed)
         return [None] * len(items)
+
+
+# rendered text that means false (a `when:` rendering "{{ item.flag }}" of a string field, say)
+_FALSE_TEXT = frozenset({"", "false", "no", "off", "0", "none", "null"})
+
+
+def truthy(value: Any) -> bool:
+    """A rendered ``when:``: Python's truth, except that text like "false", "no", "0" is false."""
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE_TEXT
+    return bool(value)
 
 
 class _RetryNeeded(Exception):  # noqa: N818 - the inline path hands a failure to the async retry
@@ -405,7 +429,11 @@ class BatchDeliverDriver(ItemDriver):
 
 
 def item_driver(bound: BoundStep, step: Step[Any], caller: Caller, recorder: Recorder, *, last: bool) -> ItemDriver:
-    """The driver for the step's declared shape."""
+    """The driver for the step's declared shape (a deliver step with ``group:``: in groups)."""
+    if bound.spec.group is not None and bound.phase is Phase.DELIVER:
+        from automator.engine.groups import GroupDeliverDriver  # it builds on this module
+
+        return GroupDeliverDriver(bound, step, caller, recorder, last=last)
     drivers: dict[Shape, type[ItemDriver]] = {
         Shape.PER_ITEM: PerItemDriver,
         Shape.BATCH_TRANSFORM: BatchTransformDriver,

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 from automator.engine.calls import Caller, describe_error
 from automator.engine.context import RunContext
 from automator.engine.drivers import ItemDriver, item_driver
+from automator.engine.groups import GroupDeliverDriver
 from automator.engine.pipeline import Pipeline, Stop
 from automator.engine.recorder import Ending, Recorder, StepRecord
 from automator.errors import ItemSignal, StepError
@@ -120,14 +121,17 @@ class DryRecorder(Recorder):
         self.ledger: DryLedger = DryLedger(history)
         self._row_ids = itertools.count(-1, -1)  # never a real row's id
 
-    async def chunk_fetched(self, chunk: ChunkRow, items: Sequence[Item]) -> None:
+    async def chunk_fetched(self, chunk: ChunkRow, items: Sequence[Item], parents: Sequence[Ending] = ()) -> None:
         self.ledger.add_items(items)
         self.counts["fetched"] += len(items)
+        for parent in parents:
+            parent.recorded = True
+        self._count(parents)
 
     async def claim(self, chunk: ChunkRow) -> bool:
         return True  # a dry run resumes nothing; nobody else holds its chunks
 
-    async def sending(self, bound: BoundStep, items: Sequence[Item]) -> None:
+    async def sending(self, bound: BoundStep, items: Sequence[Item], group_key: str | None = None) -> None:
         return None
 
     async def passed(self, bound: BoundStep, items: Sequence[Item], passed: dict[int, list[str]]) -> None:
@@ -229,12 +233,32 @@ class CountingDeliverDriver(ItemDriver):
         for item in items:
             self._took(item, None)
         # as after a delivery: a later step sees the item, the pipeline ends it delivered
+        await self.recorder.passed(self.bound, items, passed)
         return [None] * len(items)
+
+
+class CountingGroupDriver(GroupDeliverDriver):
+    """A deliver step with ``group:`` in a dry run: the groups form as in a run and are counted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.would_deliver = 0
+        self.digests = 0
+
+    async def _deliver_group(self, group: Any) -> dict[int, Ending | None]:
+        self.digests += 1
+        self.would_deliver += len(group.members)
+        for item, chunk in group.members:
+            self._took(item, None)
+            await self.recorder.passed(self.bound, [item], chunk.passed)
+        return {item.seq: None for item, _ in group.members}
 
 
 def dry_driver(bound: BoundStep, step: Step[Any], caller: Caller, recorder: Recorder, *, last: bool) -> ItemDriver:
     """The driver factory of a dry run (``Pipeline(make_driver=...)``)."""
     if bound.phase is Phase.DELIVER:
+        if bound.spec.group is not None:
+            return CountingGroupDriver(bound, step, caller, recorder, last=last)
         return CountingDeliverDriver(bound, step, caller, recorder, last=last)
     if isinstance(step, EstimatingStep):
         return EstimateDriver(bound, step, caller, recorder, last=last)
@@ -252,6 +276,7 @@ class DryRun:
     already_delivered: int  # items skipped because a run delivered their key
     model_steps: list[StepEstimate]  # in the workflow's order
     deliveries: dict[str, int]  # deliver step -> items it would deliver
+    digests: dict[str, int]  # deliver step with group: -> the deliveries (groups) it would make
     stop: Stop | None  # why the run would stop (a fetch failed, say), or None
 
 
@@ -277,7 +302,10 @@ async def run_dry(workflow: Workflow, history: History, plugins: Plugins, params
         counts=dict(recorder.counts),
         already_delivered=recorder.ledger.already_delivered,
         model_steps=[d.found for d in drivers if isinstance(d, EstimateDriver)],
-        deliveries={d.bound.id: d.would_deliver for d in drivers if isinstance(d, CountingDeliverDriver)},
+        deliveries={
+            d.bound.id: d.would_deliver for d in drivers if isinstance(d, CountingDeliverDriver | CountingGroupDriver)
+        },
+        digests={d.bound.id: d.digests for d in drivers if isinstance(d, CountingGroupDriver)},
         stop=stop,
     )
 
@@ -297,6 +325,7 @@ async def _close(workflow: Workflow, steps: dict[str, Step[Any]]) -> None:
 __all__ = [
     "DRY_RUN_ID",
     "CountingDeliverDriver",
+    "CountingGroupDriver",
     "DryLedger",
     "DryRecorder",
     "DryRun",

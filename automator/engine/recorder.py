@@ -43,6 +43,7 @@ class Ending:
     reason: str | None
     result: Any = None
     recorded: bool = False  # written already (a delivery's result): the chunk's end skips it
+    children: list[Any] | None = None  # a transform's list: the items this one becomes (a split)
 
 
 @dataclass
@@ -81,20 +82,28 @@ class Recorder:
 
     # -- chunks and items ----------------------------------------------------------------
 
-    async def chunk_fetched(self, chunk: ChunkRow, items: Sequence[Item]) -> None:
-        """A new chunk and its items, ``pending`` and held by this process, before any step sees them."""
+    async def chunk_fetched(self, chunk: ChunkRow, items: Sequence[Item], parents: Sequence[Ending] = ()) -> None:
+        """A new chunk and its items, ``pending`` and held by this process, before any step sees them.
+
+        ``parents``: the items a transform split into these, whose ends are written in the same
+        transaction (a crash leaves either the parents pending or their children in the ledger).
+        """
         redact = self.context.redactor.data
         rows = [ItemRow(i.seq, i.key, chunk.fetched_by, redact(i.data)) for i in items]
-        await self.ledger.add_chunk(self.run_id, self.workflow, chunk, rows, LEASE)
+        ended = [self.ending_row(parent) for parent in parents]
+        await self.ledger.add_chunk(self.run_id, self.workflow, chunk, rows, LEASE, ended)
         self.counts["fetched"] += len(items)
+        for parent in parents:
+            parent.recorded = True
+        self._announce(parents)
 
     async def claim(self, chunk: ChunkRow) -> bool:
         """Take an open chunk of a resumed run; False if another process holds it."""
         return await self.ledger.claim(self.run_id, chunk.seq, self.owner, LEASE)
 
-    async def sending(self, bound: BoundStep, items: Sequence[Item]) -> None:
-        """The intent of a delivery, durable before it leaves."""
-        await self.ledger.sending(self.run_id, bound.id, [i.seq for i in items])
+    async def sending(self, bound: BoundStep, items: Sequence[Item], group_key: str | None = None) -> None:
+        """The intent of a delivery, durable before it leaves (of a digest: with the group's key)."""
+        await self.ledger.sending(self.run_id, bound.id, [i.seq for i in items], group_key)
 
     async def passed(self, bound: BoundStep, items: Sequence[Item], passed: dict[int, list[str]]) -> None:
         """A delivery's result for items a later step still works on: they will not be sent again."""

@@ -152,8 +152,10 @@ class Run:
         # recorded before chunks existed gets chunks for its pending items
         await ledger.release(run_id)
         await ledger.cover(run_id, pipeline.chunk_size)
-        chunks = await asyncio.to_thread(ledger.open_chunks, run_id)
-        await pipeline.resume(chunks)
+        # every chunk: the done ones tell where each fetch was; the open ones are claimed
+        chunks = await asyncio.to_thread(ledger.chunk_rows, run_id)
+        finished = await asyncio.to_thread(ledger.finished_steps, run_id)
+        await pipeline.resume(chunks, finished)
         if pipeline.resent:
             log.warning(
                 "run %s: %d deliveries were in flight when its process stopped; sent again with the same "

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, func, insert, null, or_, select, update
 
-from automator.history.models import Chunk, LedgerItem
+from automator.history.models import Chunk, LedgerItem, StepAttempt
 from automator.history.rows import ChunkRow, ItemRow, OutcomeRow, executemany, now
-from automator.history.states import ChunkStatus, Outcome
+from automator.history.states import ChunkStatus, Outcome, StepStatus
 
 if TYPE_CHECKING:
     from automator.history.store import History
@@ -119,15 +119,19 @@ def set_passed(run_id: int, rows: Sequence[tuple[int, list[str]]]) -> Work:
     return work
 
 
-def set_sending(run_id: int, step_id: str, seqs: Sequence[int]) -> Work:
-    """The intent of a delivery: these items are (about to be) on their way by ``step_id``."""
+def set_sending(run_id: int, step_id: str, seqs: Sequence[int], group_key: str | None = None) -> Work:
+    """The intent of a delivery: these items are (about to be) on their way by ``step_id``
+    (together, as the digest ``group_key``, when one is given)."""
     wanted = list(seqs)
+    values: dict[str, Any] = {"sending": step_id}
+    if group_key is not None:
+        values["group_key"] = group_key
 
     def work(conn: Connection) -> None:
         for start in range(0, len(wanted), 500):
             part = wanted[start : start + 500]
             conn.execute(
-                update(LedgerItem).where(LedgerItem.run_id == run_id, LedgerItem.seq.in_(part)).values(sending=step_id)
+                update(LedgerItem).where(LedgerItem.run_id == run_id, LedgerItem.seq.in_(part)).values(**values)
             )
 
     return work
@@ -148,6 +152,7 @@ def add_chunk(run_id: int, chunk: ChunkRow, lease: timedelta) -> Work:
                 owner=chunk.owner,
                 lease_until=stamp + lease if chunk.owner else None,
                 claims=1 if chunk.owner else 0,
+                fetch_mark=chunk.fetch_mark,
                 updated_at=stamp,
             )
         )
@@ -268,19 +273,26 @@ def cover_items(run_id: int, size: int) -> Work:
 
 
 def open_chunks(conn: Connection, run_id: int, *, every: bool = False) -> list[ChunkRow]:
-    query = select(Chunk.seq, Chunk.first_item, Chunk.size, Chunk.fetched_by, Chunk.status, Chunk.owner).where(
-        Chunk.run_id == run_id
-    )
+    query = select(
+        Chunk.seq, Chunk.first_item, Chunk.size, Chunk.fetched_by, Chunk.status, Chunk.owner, Chunk.fetch_mark
+    ).where(Chunk.run_id == run_id)
     if not every:
         query = query.where(Chunk.status == ChunkStatus.OPEN)
     return [ChunkRow(*row) for row in conn.execute(query.order_by(Chunk.seq))]
 
 
 def chunk_items(conn: Connection, run_id: int, chunk: ChunkRow) -> list[Any]:
-    """The chunk's pending items: seq, key, data, delivered_by, sending."""
+    """The chunk's pending items: seq, key, data, delivered_by, sending, group_key."""
     return list(
         conn.execute(
-            select(LedgerItem.seq, LedgerItem.key, LedgerItem.data, LedgerItem.delivered_by, LedgerItem.sending)
+            select(
+                LedgerItem.seq,
+                LedgerItem.key,
+                LedgerItem.data,
+                LedgerItem.delivered_by,
+                LedgerItem.sending,
+                LedgerItem.group_key,
+            )
             .where(
                 LedgerItem.run_id == run_id,
                 LedgerItem.seq >= chunk.first,
@@ -290,6 +302,12 @@ def chunk_items(conn: Connection, run_id: int, chunk: ChunkRow) -> list[Any]:
             .order_by(LedgerItem.seq)
         )
     )
+
+
+def finished_steps(conn: Connection, run_id: int) -> set[str]:
+    """The steps of the run with an attempt that succeeded (a fetch that got to its end)."""
+    query = select(StepAttempt.step_id).where(StepAttempt.run_id == run_id, StepAttempt.status == StepStatus.SUCCEEDED)
+    return {step_id for (step_id,) in conn.execute(query.distinct())}
 
 
 def repeats(
@@ -335,20 +353,30 @@ class Ledger:
         self.history = history
 
     async def add_chunk(
-        self, run_id: int, workflow: str, chunk: ChunkRow, items: Sequence[ItemRow], lease: timedelta
+        self,
+        run_id: int,
+        workflow: str,
+        chunk: ChunkRow,
+        items: Sequence[ItemRow],
+        lease: timedelta,
+        ended: Sequence[OutcomeRow] = (),
     ) -> None:
-        """A new chunk and its items, ``pending``, in one transaction (held by ``chunk.owner``)."""
+        """A new chunk and its items, ``pending``, in one transaction (held by ``chunk.owner``);
+        ``ended``: outcomes written with it (the item a transform split into these)."""
         rows = add_items(run_id, workflow, items)
         made = add_chunk(run_id, chunk, lease)
+        outcomes = set_outcomes(run_id, ended) if ended else None
 
         def work(conn: Connection) -> None:
             rows(conn)
             made(conn)
+            if outcomes is not None:
+                outcomes(conn)
 
         await self.history.commit(work)
 
-    async def sending(self, run_id: int, step_id: str, seqs: Sequence[int]) -> None:
-        await self.history.commit(set_sending(run_id, step_id, seqs))
+    async def sending(self, run_id: int, step_id: str, seqs: Sequence[int], group_key: str | None = None) -> None:
+        await self.history.commit(set_sending(run_id, step_id, seqs, group_key))
 
     async def passed(self, run_id: int, rows: Sequence[tuple[int, list[str]]]) -> None:
         await self.history.commit(set_passed(run_id, rows))
@@ -393,6 +421,9 @@ class Ledger:
 
     def chunk_items(self, run_id: int, chunk: ChunkRow) -> list[Any]:
         return self.history.connect(lambda conn: chunk_items(conn, run_id, chunk))
+
+    def finished_steps(self, run_id: int) -> set[str]:
+        return self.history.connect(lambda conn: finished_steps(conn, run_id))
 
     def repeats(
         self, run_id: int, workflow: str, keys: Sequence[str], *, delivered: bool

@@ -118,6 +118,9 @@ class LedgerItem(Base):
     # whose result is not recorded yet; a crash leaves it set, and the resumed run sends
     # again with the same idempotency key
     sending: Mapped[str | None] = mapped_column(String(200))
+    # a digest's members: the group's key, written with the delivery's intent, so that a
+    # resumed run sends the same group again (the same idempotency key), not a new one
+    group_key: Mapped[str | None] = mapped_column(String(100))
     updated_at: Mapped[datetime | None]
 
 
@@ -142,6 +145,9 @@ class Chunk(Base):
     owner: Mapped[str | None] = mapped_column(String(200))  # host:pid holding the lease
     lease_until: Mapped[datetime | None]
     claims: Mapped[int] = mapped_column(default=0)  # how many times it was taken (1 = never resumed)
+    # where a resumed fetch goes on: {"state": the last Checkpoint's state (or null), "after":
+    # the step's items taken after that checkpoint, up to this chunk's end}
+    fetch_mark: Mapped[Any | None] = mapped_column(JSON)
     updated_at: Mapped[datetime | None]
 
 

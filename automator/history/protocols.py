@@ -162,9 +162,16 @@ class WriteAheadLedger(Protocol):
     durable (concurrent writes share a commit); a chunk is held by one owner at a time."""
 
     async def add_chunk(
-        self, run_id: int, workflow: str, chunk: ChunkRow, items: Sequence[ItemRow], lease: timedelta
+        self,
+        run_id: int,
+        workflow: str,
+        chunk: ChunkRow,
+        items: Sequence[ItemRow],
+        lease: timedelta,
+        ended: Sequence[OutcomeRow] = (),
     ) -> None:
-        """A new chunk and its items, ``pending``, held by ``chunk.owner`` for ``lease``."""
+        """A new chunk and its items, ``pending``, held by ``chunk.owner`` for ``lease``; with
+        ``ended``'s outcomes in the same transaction."""
         ...
 
     async def claim(self, run_id: int, seq: int, owner: str, lease: timedelta) -> bool:
@@ -183,8 +190,8 @@ class WriteAheadLedger(Protocol):
         """Chunks for pending items no chunk holds (a run recorded before chunks); how many made."""
         ...
 
-    async def sending(self, run_id: int, step_id: str, seqs: Sequence[int]) -> None:
-        """A delivery's intent: these items are on their way by ``step_id``."""
+    async def sending(self, run_id: int, step_id: str, seqs: Sequence[int], group_key: str | None = None) -> None:
+        """A delivery's intent: these items are on their way by ``step_id`` (as one digest, with a key)."""
         ...
 
     async def passed(self, run_id: int, rows: Sequence[tuple[int, list[str]]]) -> None:
@@ -212,7 +219,11 @@ class WriteAheadLedger(Protocol):
         ...
 
     def chunk_items(self, run_id: int, chunk: ChunkRow) -> list[Any]:
-        """A chunk's pending items: (seq, key, data, delivered_by, sending)."""
+        """A chunk's pending items: (seq, key, data, delivered_by, sending, group_key)."""
+        ...
+
+    def finished_steps(self, run_id: int) -> set[str]:
+        """The run's steps with an attempt that succeeded (a fetch that got to its end)."""
         ...
 
     def repeats(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection
@@ -14,11 +16,30 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode  # built once: it is per item
+_CHECKED_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode
+# What _CHECKED_JSON writes, from an encoder made once: ``JSONEncoder.encode`` makes its C
+# encoder anew at every call, which cost more than encoding an item. It keeps no marks of
+# the containers it is in (they would be shared by every call), so a cycle ends in a
+# RecursionError instead of "Circular reference detected": _json then asks _CHECKED_JSON,
+# which raises the usual error.
+_C_ENCODER = (
+    c_make_encoder(None, str, encode_basestring, None, ": ", ", ", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
+
+
+def _json(value: Any) -> str:
+    if _C_ENCODER is None or isinstance(value, str):
+        return _CHECKED_JSON(value)
+    try:
+        return "".join(_C_ENCODER(value, 0))
+    except RecursionError:
+        return _CHECKED_JSON(value)
 
 
 def _db_json(value: Any) -> str:
-    return _JSON(value)
+    return _json(value)
 
 
 def _sqlite_datetime(value: datetime) -> str:
@@ -42,22 +63,32 @@ def executemany(
         conn.execute(statement, rows)
         return
     sql, names = _compiled(statement, conn, tuple(rows[0]))
+    pick = itemgetter(*names)
+    if len(names) == 1:
+        values: list[tuple[Any, ...]] = [(pick(row),) for row in rows]
+        conn.exec_driver_sql(sql, values)
+        return
     json_at = [i for i, name in enumerate(names) if name in json_keys]
     time_at = [i for i, name in enumerate(names) if name in time_keys]
+    if not json_at and not time_at:
+        conn.exec_driver_sql(sql, [pick(row) for row in rows])
+        return
     stamps: dict[datetime, str] = {}  # a chunk's rows share their stamp: formatted once
-    values: list[tuple[Any, ...]] = []
+    values = []
     # the rows stay as given (a work is tried again whole when the database was locked)
     for row in rows:
-        line = [row[name] for name in names]
+        line = list(pick(row))
         for i in json_at:
-            if line[i] is not None:
-                line[i] = _JSON(line[i])
+            value = line[i]
+            if value is not None:
+                line[i] = _json(value)
         for i in time_at:
             stamp = line[i]
-            text = stamps.get(stamp)
-            if text is None:
-                text = stamps[stamp] = _sqlite_datetime(stamp)
-            line[i] = text
+            if stamp is not None:
+                text = stamps.get(stamp)
+                if text is None:
+                    text = stamps[stamp] = _sqlite_datetime(stamp)
+                line[i] = text
         values.append(tuple(line))
     conn.exec_driver_sql(sql, values)
 
@@ -103,3 +134,4 @@ class ChunkRow:
     fetched_by: str
     status: str
     owner: str | None = None
+    fetch_mark: Any = None  # see models.Chunk.fetch_mark

@@ -33,6 +33,7 @@ class Estimate:
     # what the items would become, and what each deliver step would deliver (not printed)
     outcomes: dict[str, int] = field(default_factory=dict)
     deliveries: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, int] = field(default_factory=dict)  # deliver step with group: -> groups
 
     @property
     def max_cost_usd(self) -> Decimal:
@@ -46,6 +47,11 @@ class Estimate:
             "already_delivered": self.already_delivered,
             "max_cost_usd": str(self.max_cost_usd),
             "steps": [s.as_json() for s in self.steps],
+            "outcomes": self.outcomes,
+            "deliveries": [
+                {"step": step, "items": n, **({"digests": self.digests[step]} if step in self.digests else {})}
+                for step, n in self.deliveries.items()
+            ],
         }
 
 
@@ -70,6 +76,7 @@ async def estimate(
         found.model_steps,
         outcomes={k: v for k, v in counts.items() if k != "fetched"},
         deliveries=found.deliveries,
+        digests=found.digests,
     )
 
 
@@ -84,6 +91,10 @@ def print_estimate(found: Estimate) -> None:
         f"{found.already_delivered} already delivered; nothing was sent to a model",
         markup=False,
     )
+    for deliver_step, count in found.deliveries.items():
+        groups = found.digests.get(deliver_step)
+        into = f" in {groups} digest(s)" if groups is not None else ""
+        stdout.print(f"{deliver_step}: would deliver {count} item(s){into}", markup=False)
     if not found.steps:
         stdout.print("no model steps", markup=False)
         return

@@ -127,6 +127,9 @@ class Item:
     key: str | None = None
     # the item's data as each earlier step left it, for ``{{ steps.<id> }}``
     steps: dict[str, Any] = field(default_factory=dict)
+    # a digest (a deliver step with ``group:``): the items this one stands for; its data is
+    # {"items": [their data], "group": the group's ``by`` value, "count": how many}
+    members: list[Item] | None = None
 
 
 ConfigT = TypeVar("ConfigT", bound=StepConfig)
@@ -244,8 +247,25 @@ class Step(Generic[ConfigT]):
         """Called once after the step, success or not: release connections here."""
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Yielded by a fetch generator between items: "a fetch resumed from ``state`` goes on from here".
+
+    A run whose process died while it fetched is resumed with the fetch started again and
+    ``self.resume_from`` set to the state of the last checkpoint the run's ledger holds
+    (``None`` when there was none): the step starts from there (the next page's URL, a
+    cursor, a byte offset), and the engine drops the items the run already took after
+    that checkpoint. A fetch that yields no checkpoints is resumed from the start, the
+    items the run already has dropped. ``state`` must be JSON: it is kept in the ledger.
+    """
+
+    state: Any
+
+
 class FetchStep(Step[ConfigT]):
     phase = Phase.FETCH
+    # where a resumed fetch goes on from: the state of the run's last Checkpoint, or None
+    resume_from: Any = None
 
     def fetch(self) -> Iterable[Any] | Any:
         raise NotImplementedError

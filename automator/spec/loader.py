@@ -29,6 +29,8 @@ if typing.TYPE_CHECKING:
     from automator.plugins.manager import Plugins
 
 WORKFLOW_SUFFIXES = (".yaml", ".yml")
+# what a group (digest) step's with: templates see besides the usual names
+GROUP_NAMES = frozenset({"items", "group"})
 MAX_MESSAGE = 300  # a message quotes what was written; a 1 MB value must not become a 1 MB line
 
 log = logging.getLogger("automator.workflows")
@@ -75,14 +77,26 @@ class Workflow:
 
 
 class _Checker:
-    def __init__(self, filename: str, located: Located) -> None:
+    def __init__(self, filename: str, located: Located, text: str = "") -> None:
         self.filename = filename
         self.located = located
+        self.lines = text.splitlines()
         self.problems: list[Problem] = []
 
     def at_value(self, path: YamlPath, message: str, line_offset: int = 0) -> None:
         pos = self.located.value_at(path)
         self.problems.append(Problem(self.filename, pos.line + line_offset, pos.column, _shorten(message)))
+
+    def at_template_line(self, path: YamlPath, line: int, message: str) -> None:
+        """At ``line`` (1-based) of the template at ``path``: in a block scalar, at that line's text."""
+        if path not in self.located.block_scalars:
+            self.at_value(path, message, line_offset=line - 1)
+            return
+        pos = self.located.value_at(path)  # the | or > that opens the block
+        number = pos.line + line
+        text = self.lines[number - 1] if 0 < number <= len(self.lines) else ""
+        column = len(text) - len(text.lstrip(" ")) + 1 if text.strip() else pos.column
+        self.problems.append(Problem(self.filename, number, column, _shorten(message)))
 
     def at_key(self, path: YamlPath, message: str) -> None:
         pos = self.located.key_at(path)
@@ -261,7 +275,7 @@ def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
     except YamlSyntaxError as exc:
         pos = exc.position
         raise WorkflowFileError([Problem(filename, pos.line, pos.column, _shorten(str(exc)))]) from None
-    check = _Checker(filename, located)
+    check = _Checker(filename, located, text)
     data = located.data
     if data is None:
         check.at_value((), "the file is empty: a workflow needs at least `steps:` (see `automator schema`)")
@@ -284,7 +298,8 @@ def load_workflow_text(text: str, path: Path, plugins: Plugins) -> Workflow:
     steps = _bind_steps(check, data, "steps", plugins)
     on_failure = _bind_steps(check, data, "on_failure", plugins)
     _check_structure(check, data, steps, on_failure)
-    _check_templates(check, data, plugins.templates)
+    _check_step_keys(check, data, plugins)
+    _check_templates(check, data, plugins)
 
     if check.problems or spec is None:
         raise WorkflowFileError(check.problems)
@@ -378,9 +393,6 @@ def _check_structure(
             after_fetch = True
             if i == 0:
                 check.at_value(("steps", 0, "uses"), "the first step must be a fetch step (it produces the items)")
-            for field_name in ("key", "only_new"):
-                if getattr(step.spec, field_name) is not None:
-                    check.at_key(("steps", i, field_name), f"{field_name}: is only allowed on fetch steps")
     for i, step in enumerate(on_failure):
         if step is not None and step.phase is not Phase.DELIVER:
             check.at_value(
@@ -389,10 +401,70 @@ def _check_structure(
             )
 
 
-def _check_templates(check: _Checker, data: dict[str, Any], environment: templates.Templates) -> None:
+def _phase(raw: dict[str, Any], plugins: Plugins) -> Phase | None:
+    """A step's phase, from its step type (None when the type is unknown)."""
+    step_type = plugins.step_type(raw["uses"]) if isinstance(raw.get("uses"), str) else None
+    return step_type.phase if step_type is not None else None
+
+
+def _check_step_keys(check: _Checker, data: dict[str, Any], plugins: Plugins) -> None:
+    """Step keys that only some phases understand: key, only_new, when, group.
+
+    The phase comes from the step type, not the bound step, so that a step whose
+    ``with:`` or ``group:`` is also wrong still gets these problems reported.
+    """
+    for section in ("steps", "on_failure"):
+        raw_steps = data.get(section)
+        if not isinstance(raw_steps, list):
+            continue
+        for i, raw in enumerate(raw_steps):
+            if not isinstance(raw, dict):
+                continue
+            phase = _phase(raw, plugins)
+            given = {name for name in ("key", "only_new", "when", "group") if raw.get(name) is not None}
+            if section == "on_failure":
+                # an on_failure step gets one notice of the failed run, not the run's items
+                for name in sorted(given & {"when", "group"}):
+                    check.at_key(
+                        (section, i, name),
+                        f"{name}: is not allowed in on_failure steps: they get one notice of the failed run, "
+                        "not the run's items",
+                    )
+                given -= {"when", "group"}
+            if phase is None:
+                continue
+            if "key" in given and phase not in (Phase.FETCH, Phase.TRANSFORM):
+                check.at_key(
+                    (section, i, "key"),
+                    f"key: is only allowed on fetch and transform steps (it names the items they make); "
+                    f"remove it from this {phase} step",
+                )
+            if "only_new" in given and phase is not Phase.FETCH:
+                check.at_key(
+                    (section, i, "only_new"),
+                    f"only_new: is only allowed on fetch steps; remove it from this {phase} step",
+                )
+            if "when" in given and phase is Phase.FETCH:
+                check.at_key(
+                    (section, i, "when"),
+                    "when: is not allowed on fetch steps: a fetch step has no items yet; put it on a later step",
+                )
+            if "group" in given and phase is not Phase.DELIVER:
+                check.at_key(
+                    (section, i, "group"),
+                    f"group: is only allowed on deliver steps (a digest: one delivery for many items); "
+                    f"remove it from this {phase} step",
+                )
+
+
+def _dotted(path: YamlPath) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def _check_templates(check: _Checker, data: dict[str, Any], plugins: Plugins) -> None:
     """Templates checked against the filters and globals of the plugins the file is loaded with."""
+    environment = plugins.templates
     declared_params = set(data.get("params") or {}) if isinstance(data.get("params"), dict) else set()
-    known_names = environment.known_names
     for section in ("steps", "on_failure"):
         raw_steps = data.get(section)
         if not isinstance(raw_steps, list):
@@ -402,18 +474,42 @@ def _check_templates(check: _Checker, data: dict[str, Any], environment: templat
         for i, raw in enumerate(raw_steps):
             if not isinstance(raw, dict):
                 continue
-            strings = templates.iter_strings(raw.get("with"), (section, i, "with"))
+            # each template with the names it may read: a group step's with: sees its group too
+            # (group: on a step that cannot have it is reported apart; its with: is checked as any other's)
+            in_group = raw.get("group") is not None and section == "steps" and _phase(raw, plugins) is Phase.DELIVER
+            item_names = environment.known_names - GROUP_NAMES
+            with_names = environment.known_names if in_group else item_names
+            strings: list[tuple[YamlPath, str, frozenset[str]]] = [
+                (path, text, with_names) for path, text in templates.iter_strings(raw.get("with"), (section, i, "with"))
+            ]
             if isinstance(raw.get("key"), str):
-                strings.append(((section, i, "key"), raw["key"]))
-            for path, text in strings:
+                strings.append(((section, i, "key"), raw["key"], item_names))
+            group = raw.get("group")
+            by = group.get("by") if isinstance(group, dict) else None
+            per_item: list[tuple[YamlPath, Any, str]] = [
+                ((section, i, "when"), raw.get("when"), "{{ item.urgent }}"),
+                ((section, i, "group", "by"), by, "{{ item.team }}"),
+            ]
+            for path, text, example in per_item:
+                if not isinstance(text, str):
+                    continue  # absent, or not text: the model check reports it
+                if not templates.is_template(text):
+                    # a constant would pass every item (or put all in one group): surely a missing {{ }}
+                    bare = text.strip()
+                    if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", bare):
+                        named = bare if bare.split(".")[0] in environment.known_names else f"item.{bare}"
+                        example = f"{{{{ {named} }}}}"
+                    check.at_value(path, f'{_dotted(path[2:])}: must be a template such as "{example}"')
+                    continue
+                strings.append((path, text, item_names))
+            for path, text, known_names in strings:
                 if not templates.is_template(text):
                     continue
                 try:
                     names, lookups = environment.references(text)
                     unknown_filters = environment.unknown_filters(text)
                 except templates.TemplateSyntaxProblemError as exc:
-                    offset = exc.line if path in check.located.block_scalars else exc.line - 1
-                    check.at_value(path, str(exc), line_offset=offset)
+                    check.at_template_line(path, exc.line, str(exc))
                     continue
                 except RecursionError:
                     # Jinja's parser and visitors recurse once per level of (, [, { and block tags
@@ -424,10 +520,13 @@ def _check_templates(check: _Checker, data: dict[str, Any], environment: templat
                         path, f"unknown filter {name!r} in template (is the plugin that provides it installed?)"
                     )
                 for name in sorted(names - known_names):
-                    check.at_value(
-                        path,
-                        f"unknown name {name!r} in template; use one of {', '.join(sorted(templates.CONTEXT_NAMES))}",
-                    )
+                    if name in GROUP_NAMES and in_group:
+                        hint = f"`{name}` is known only in the step's with: ({_dotted(path[2:])}: sees one item)"
+                    elif name in GROUP_NAMES:
+                        hint = f"`{name}` is known only in a step with group:"
+                    else:
+                        hint = f"use one of {', '.join(sorted(templates.CONTEXT_NAMES & known_names))}"
+                    check.at_value(path, f"unknown name {name!r} in template; {hint}")
                 for kind, name in sorted(lookups):
                     if kind == "params" and name not in declared_params:
                         check.at_value(path, f"params.{name} is not declared; add it under `params:` with a default")

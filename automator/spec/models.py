@@ -100,6 +100,15 @@ class StepDefaults(SpecModel):
     timeout: Duration | None = Field(None, description="Per step attempt (per item for item steps).")
 
 
+class Group(SpecModel):
+    """A deliver step's items in groups (a digest): one delivery for many items."""
+
+    size: int = Field(100, ge=1, le=10_000, description="The most items in one group (one delivery).")
+    by: str | None = Field(
+        None, description='A template: items with the same value go in the same groups, such as "{{ item.team }}".'
+    )
+
+
 class StepSpec(SpecModel):
     """One step of a workflow: a step type (``uses``) and its config (``with``)."""
 
@@ -110,13 +119,27 @@ class StepSpec(SpecModel):
     uses: str = Field(description="The step type, such as http.fetch; see `automator plugins`.")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="The step's config.")
     description: str | None = None
-    key: str | None = Field(None, description="Fetch steps: a template giving each item's identity, for dedupe.")
+    key: str | None = Field(
+        None,
+        description="Fetch steps: a template giving each item's identity, for dedupe. Transform steps: the key "
+        "of each item made when the step returns a list (default: the parent's key, '/', the position).",
+    )
     only_new: bool | None = Field(
         None,
         description="Fetch steps: skip items whose key an earlier run delivered (default: on when key is set).",
     )
     retry: RetryPolicy | None = None
     timeout: Duration | None = None
+    when: str | None = Field(
+        None,
+        description="Transform, validate and deliver steps: a template; an item for which it is false passes this "
+        'step untouched, such as "{{ item.urgent }}".',
+    )
+    group: Group | None = Field(
+        None,
+        description="Deliver steps: deliver the items in groups, one delivery per group (a digest); the step's "
+        "templates see `items` (the group's items) and `group` (the value of `by`).",
+    )
 
     @field_validator("id")
     @classmethod

@@ -253,3 +253,39 @@ def test_a_dry_run_leaves_a_delivered_file_alone(cli: Any, workflow_dir: Path, h
     assert shown.json()["fetched"] == 2 and shown.json()["steps"] == []
     assert (workflow_dir / "out.jsonl").read_text(encoding="utf-8") == '{"kept": true}\n'
     assert sorted(p.name for p in workflow_dir.rglob("*")) == before
+
+
+def test_a_when_that_skips_the_model_step_costs_nothing(
+    fake_openai: FakeOpenAI, cli: Any, workflow_dir: Path, history_url: str, httpserver: HTTPServer
+) -> None:
+    """Routing: the model step takes only the tickets its ``when:`` lets in; the dry run counts
+    those, and a digest after it counts one delivery per group."""
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    text = textwrap.dedent(FLOW.format(url=httpserver.url_for("/hook"))).lstrip()
+    text = text.replace(
+        "  - id: classify\n    uses: openai.transform\n",
+        '  - id: classify\n    uses: openai.transform\n    when: "{{ item.id is even }}"\n',
+    )
+    text = text.replace(
+        "  - id: notify\n    uses: webhook.deliver\n",
+        "  - id: notify\n    uses: webhook.deliver\n    group: {size: 3}\n",
+    )
+    text = text.replace(
+        'body: {ticket: "{{ steps.tickets.id }}", category: "{{ item.category }}"}',
+        'body: {tickets: "{{ items | length }}"}',
+    )
+    path = workflow_dir / "flow.yaml"
+    path.write_text(text, encoding="utf-8")
+    write_items(workflow_dir, [ticket(i) for i in range(1, 11)])
+
+    counted = dry(path, history_url)
+    (classify,) = counted.steps
+    assert classify.items == 5 and classify.max_output_tokens == 5 * 50  # the odd ones pass it by, free
+    assert counted.deliveries == {"notify": 10} and counted.digests == {"notify": 4}
+    assert fake_openai.requests == [] and httpserver.log == []
+
+    run = cli("run", path, "--json")
+    assert run.exit_code == 0, run.stdout
+    assert len(fake_openai.completions) == classify.items
+    assert len(httpserver.log) == counted.digests["notify"]
+    assert run.json()["items"] == {"fetched": counted.fetched, **counted.outcomes}
