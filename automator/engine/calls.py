@@ -49,6 +49,10 @@ class Caller:
         capped = min(base, self.retry.max_backoff.total_seconds())
         return capped * random.uniform(0.5, 1.0)
 
+    def backoff(self, attempt: int, exc: BaseException | None) -> float:
+        """How long to wait before try ``attempt + 1`` (the server's Retry-After, if it said)."""
+        return self._backoff(attempt, exc)
+
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         return self._backoff(state.attempt_number + 1, exc)

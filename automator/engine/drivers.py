@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any, cast
 
-from automator.engine.calls import Caller, describe_error
+from automator.engine.calls import Caller, describe_error, is_retryable
 from automator.engine.recorder import Ending, Recorder, StepRecord
 from automator.errors import QuarantineItem, SkipItem, StepError
 from automator.history.states import Outcome, StepStatus
@@ -68,8 +68,10 @@ class _Pages:
         self._iter: Iterator[Any] | None = None
         self._queue: asyncio.Queue[Any] | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._ahead: asyncio.Future[list[Any]] | None = None
+        self._ahead: asyncio.Future[tuple[list[Any], BaseException | None]] | None = None
         self.blocking = blocking
+        # a failure met after some items: those go on first, the failure is raised by the next take
+        self._failure: BaseException | None = None
         if source is None:
             self._list = []
         elif isinstance(source, list | tuple):
@@ -97,6 +99,9 @@ class _Pages:
 
     async def take(self, size: int) -> list[Any]:
         """Up to ``size`` items: what is there now (a page), or, when nothing is, the next to come."""
+        if self._failure is not None:
+            raised, self._failure = self._failure, None
+            raise raised
         if self.done:
             return []
         if self._list is not None:
@@ -110,14 +115,20 @@ class _Pages:
             source = self._iter
             if self.blocking:  # a generator that reads files or sockets: in a thread, a chunk at a time
                 ahead, self._ahead = self._ahead, None
-                part = await (ahead if ahead is not None else asyncio.to_thread(lambda: list(islice(source, size))))
-                if len(part) == size:
+                read: tuple[list[Any], BaseException | None]
+                read = await (ahead if ahead is not None else asyncio.to_thread(_read, source, size))
+                part, failure = read
+                if len(part) == size and failure is None:
                     # the next chunk is read while this one goes on (one chunk ahead, no more)
-                    self._ahead = asyncio.ensure_future(asyncio.to_thread(lambda: list(islice(source, size))))
+                    self._ahead = asyncio.ensure_future(asyncio.to_thread(_read, source, size))
             else:
-                part = list(islice(source, size))
-            if len(part) < size:
+                part, failure = _read(source, size)
+            if len(part) < size or failure is not None:
                 self.done = True
+            if failure is not None:
+                if not part:
+                    raise failure
+                self._failure = failure
             return part
         assert self._queue is not None
         page: list[Any] = []
@@ -128,6 +139,9 @@ class _Pages:
                 return page
             if isinstance(first, _Failed):
                 self.done = True
+                if page:  # the items before the failure go on; the failure comes with the next take
+                    self._failure = first.exc
+                    return page
                 raise first.exc
             page.append(first)
             if len(page) >= size:
@@ -149,6 +163,17 @@ class _Pages:
                 await self._pump
 
 
+def _read(source: Iterator[Any], size: int) -> tuple[list[Any], BaseException | None]:
+    """Up to ``size`` items of an iterator, and the failure that cut it short (the items
+    read before it are kept)."""
+    part: list[Any] = []
+    try:
+        part.extend(islice(source, size))
+    except Exception as exc:  # noqa: BLE001 - handed to the reader after the items before it
+        return part, exc
+    return part, None
+
+
 class FetchDriver:
     """A fetch step: its items, a chunk at a time, as they come; each failed try is a step row."""
 
@@ -160,8 +185,13 @@ class FetchDriver:
         self.record = recorder.step(bound)
         self.count = 0
 
-    async def pages(self, size: int) -> AsyncGenerator[list[Any], None]:
-        """The fetched items, ``size`` at most per list. Raises FetchFailed (the step row written)."""
+    async def pages(self, size: int, restart: Callable[[], None] | None = None) -> AsyncGenerator[list[Any], None]:
+        """The fetched items, ``size`` at most per list. Raises FetchFailed (the step row written).
+
+        A retryable failure after some pages is retried under the step's retry policy: the
+        fetch is called again after ``restart()`` (which tells the step where to go on:
+        its last checkpoint) instead of failing the run with the pages it has.
+        """
         recorder, bound = self.recorder, self.bound
         await recorder.step_started(self.record)
 
@@ -188,6 +218,7 @@ class FetchDriver:
         except Exception as exc:  # noqa: BLE001 - any failure of the fetch ends the run, recorded
             error = await self._failed(exc, self.caller.retries)
             raise FetchFailed(f"step {bound.id} ({bound.type.name}) failed: {error}", bound.id) from None
+        restarts = 0
         try:
             part = first
             while part:
@@ -197,10 +228,24 @@ class FetchDriver:
                 try:
                     part = await pages.take(size)
                 except Exception as exc:  # noqa: BLE001 - a page failed after others went on
-                    error = await self._failed(exc, self.caller.retries)
-                    raise FetchFailed(
-                        f"step {bound.id} ({bound.type.name}) failed after {self.count} items: {error}", bound.id
-                    ) from None
+                    if restart is None or restarts >= self.caller.retry.attempts - 1 or not is_retryable(exc):
+                        error = await self._failed(exc, self.caller.retries)
+                        raise FetchFailed(
+                            f"step {bound.id} ({bound.type.name}) failed after {self.count} items: {error}", bound.id
+                        ) from None
+                    restarts += 1
+                    self.caller.retries += 1
+                    failed_attempt(exc)
+                    await pages.close()
+                    await asyncio.sleep(self.caller.backoff(restarts, exc))
+                    restart()
+                    try:
+                        pages, part = await self.caller.call(start)
+                    except Exception as again:  # noqa: BLE001 - the retries are spent: the run ends, recorded
+                        error = await self._failed(again, self.caller.retries)
+                        raise FetchFailed(
+                            f"step {bound.id} ({bound.type.name}) failed after {self.count} items: {error}", bound.id
+                        ) from None
         finally:
             await pages.close()
 

@@ -24,8 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from automator.engine.calls import describe_error
-from automator.engine.drivers import ItemDriver, timeout_text
+from automator.engine.drivers import ItemDriver
 from automator.engine.recorder import Ending
 from automator.errors import AutomatorError
 from automator.history.states import Outcome
@@ -162,12 +161,13 @@ class GroupDeliverDriver(ItemDriver):
             await self.recorder.sending(self.bound, members, key)
             try:
                 await self.caller.call(self._method(), digest)
-            except Exception as exc:  # noqa: BLE001 - every member fails, recorded before the slot frees
-                error = timeout_text(exc, self.caller) or describe_error(exc)
-                endings = [Ending(m, Outcome.FAILED, self.bound.id, error, m.data, recorded=True) for m in members]
+            except Exception as exc:  # noqa: BLE001 - every member ends so, recorded before the slot frees
+                # a SkipItem or QuarantineItem from the step ends every member that way; anything else fails them
+                endings = [self._signal(m, exc) for m in members]
+                for ending in endings:
+                    ending.recorded = True
                 await self.recorder.ended(endings)
                 return {e.item.seq: e for e in endings}
-        self.record.items_out += len(members)
         for member in members:
             member.steps = {**member.steps, self.bound.id: member.data}
         if self.last:

@@ -53,6 +53,7 @@ class Chunk:
     ended: set[int] = field(default_factory=set)
     passed: dict[int, list[str]] = field(default_factory=dict)  # item seq -> deliver steps it passed
     holds_slot: bool = False  # one of the places in flight (given up while it waits for its digests)
+    only_new: bool = False  # its items are skipped if a run delivered their key (its fetch step's setting)
     written: bool = False  # in the ledger (until then its items are not the run's yet)
     splits: list[tuple[int, Ending]] = field(default_factory=list)  # (step index, parent) not yet split out
     groups: dict[int, str] = field(default_factory=dict)  # item seq -> its digest's key, when in flight
@@ -141,9 +142,6 @@ class Pipeline:
             grouper.park_limit = max(10 * grouper.size, self.chunk_size * spec.chunks_in_flight)
         self.fetch_done = False
         self.mark = FetchMark()  # the fetch at work: where it is
-        # items whose key a run delivered are skipped: the fetch steps' setting, for the
-        # items they fetch and for those a transform splits them into
-        self.only_new = any(b.only_new for b in bounds if b.phase is Phase.FETCH)
 
     # -- the fetch side ----------------------------------------------------------------
 
@@ -167,7 +165,14 @@ class Pipeline:
         if isinstance(step, FetchStep):
             step.resume_from = self.mark.state
         driver = FetchDriver(bound, step, make_caller(self.workflow, bound), self.recorder)
-        pages = driver.pages(self.chunk_size)
+
+        def restart() -> None:
+            # a retry after a failed page goes on from the last checkpoint, as a resumed run does
+            if isinstance(step, FetchStep):
+                step.resume_from = self.mark.state
+            self.mark.drop = self.mark.after
+
+        pages = driver.pages(self.chunk_size, restart)
         try:
             async for part in pages:
                 part = self._taken(part)
@@ -228,7 +233,7 @@ class Pipeline:
             self.next_chunk, first, len(items), bound.id, ChunkStatus.OPEN, self.recorder.owner, self.mark.row()
         )
         self.next_chunk += 1
-        return Chunk(row, index + 1, items), endings
+        return Chunk(row, index + 1, items, only_new=bound.only_new), endings
 
     async def _admit(self, bound: BoundStep, chunk: Chunk, endings: list[Ending]) -> None:
         """Write the chunk before any step sees it (unless it is), and end repeats (``only_new``)."""
@@ -239,7 +244,7 @@ class Pipeline:
         for ending in endings:
             self._end(chunk, ending)
         keys = [i.key for i in items if i.key is not None and i.seq not in chunk.ended]
-        if self.only_new and keys:
+        if chunk.only_new and keys:
             ledger, run_id = self.recorder.ledger, self.recorder.run_id
             delivered, firsts = await asyncio.to_thread(
                 ledger.repeats, run_id, self.workflow.name, keys, delivered=True
@@ -534,12 +539,15 @@ class Pipeline:
             endings: list[Ending] = []
             for parent in parents:
                 made = self._children(bound, parent, first + len(children), endings)
-                if made:
+                if len(made) == 1:
+                    parent.reason = f"split into 1 item ({made[0].seq}) by {bound.id}"
+                elif made:
                     start = made[0].seq
                     parent.reason = f"split into {len(made)} items ({start}-{start + len(made) - 1}) by {bound.id}"
                 else:
                     parent.reason = f"split into no items by {bound.id}"
                 children.extend(made)
+            self.drivers[bound.id].record.items_out += len(children)  # the step's OUT: the items it made
             self.next_seq += len(children)
             row = ChunkRow(self.next_chunk, first, len(children), bound.id, ChunkStatus.OPEN, self.recorder.owner)
             self.next_chunk += 1
@@ -547,7 +555,8 @@ class Pipeline:
             chunk.endings.extend(parents)
             if children:
                 # its own task waits for a place in flight: this chunk holds one and must not wait
-                self._spawn(Chunk(row, index + 1, children, written=True), admit=(bound, endings), has_slot=False)
+                made_chunk = Chunk(row, index + 1, children, written=True, only_new=chunk.only_new)
+                self._spawn(made_chunk, admit=(bound, endings), has_slot=False)
 
     def _children(self, bound: BoundStep, parent: Ending, first: int, endings: list[Ending]) -> list[Item]:
         """The items a split parent becomes: numbered from ``first``, keyed by the step's

@@ -119,3 +119,87 @@ def test_a_killed_fetch_goes_on_where_it_was(tmp_path: Path, history_url: str, c
     else:
         assert min(resumed_pages) == 1  # no checkpoint: from the start, the items it had dropped
     history.close()
+
+
+FLAKY = """
+from pathlib import Path
+from automator import Checkpoint, FetchStep, StepConfig, StepError, hookimpl
+
+class FlakyConfig(StepConfig):
+    log: str
+    marker: str
+    fail_at: int
+    retryable: bool
+
+class Flaky(FetchStep[FlakyConfig]):
+    name = "test.flaky_pages"
+
+    async def fetch(self):
+        page = self.resume_from["page"] if self.resume_from else 1
+        while page <= 5:
+            with open(self.config.log, "a") as log:
+                log.write(f"{page}\\n")
+            marker = Path(self.config.marker)
+            if page == self.config.fail_at and not marker.exists():
+                marker.write_text("failed")
+                raise StepError("the server is busy", retryable=self.config.retryable)
+            for i in range(10):
+                yield {"id": f"p{page}-{i}"}
+            page += 1
+            yield Checkpoint({"page": page})
+
+@hookimpl
+def register_step_types(register):
+    register(Flaky)
+"""
+
+
+def _flaky(tmp_path: Path, *, retryable: bool) -> Path:
+    project = tmp_path / "project"
+    (project / "plugins").mkdir(parents=True)
+    (project / "workflows").mkdir()
+    (project / "plugins" / "flaky.py").write_text(textwrap.dedent(FLAKY))
+    flow = project / "workflows" / "flaky.yaml"
+    flow.write_text(
+        textwrap.dedent(
+            f"""
+            name: flaky
+            chunk_size: 10
+            steps:
+              - id: read
+                uses: test.flaky_pages
+                retry: {{attempts: 2, backoff: 10ms}}
+                with: {{log: "{tmp_path / "pages.log"}", marker: "{tmp_path / "failed"}", fail_at: 3,
+                        retryable: {json.dumps(retryable)}}}
+                key: "{{{{ item.id }}}}"
+              - id: out
+                uses: file.deliver
+                with: {{path: "{tmp_path / "out.jsonl"}"}}
+            """
+        )
+    )
+    return flow
+
+
+def test_a_page_that_fails_is_retried_from_the_last_checkpoint(tmp_path: Path, cli, history: History) -> None:
+    result = cli("run", _flaky(tmp_path, retryable=True))
+    assert result.exit_code == 0, result.stderr
+    # pages 1 and 2 once; page 3 failed, then the fetch went on from its checkpoint, not from page 1
+    assert (tmp_path / "pages.log").read_text().split() == ["1", "2", "3", "3", "4", "5"]
+    lines = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(lines) == sorted(f"p{p}-{i}" for p in range(1, 6) for i in range(10))
+    run = history.list_runs()[0]
+    shown = cli("runs", "show", str(run.id), "--json").json()
+    attempts = [s["status"] for s in shown["steps"] if s["step_id"] == "read"]
+    assert attempts == ["failed", "succeeded"]  # the failed page is its own attempt in the history
+
+
+def test_items_fetched_before_a_failure_keep_their_outcome(tmp_path: Path, cli, history: History) -> None:
+    result = cli("run", _flaky(tmp_path, retryable=False))
+    assert result.exit_code == 1
+    assert "the server is busy" in result.stderr + result.stdout
+    run = history.list_runs()[0]
+    items = history.items(run.id)
+    # the two pages before the failure are the run's: each item with an outcome, none lost
+    assert sorted(i.key for i in items) == sorted(f"p{p}-{i}" for p in (1, 2) for i in range(10))
+    assert all(i.outcome != "pending" for i in items)
