@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from automator import Item, StepConfig, TransformStep, hookimpl
+from automator import Item, StepConfig, StepError, TransformStep, hookimpl
+from automator.templates import is_template
 
 
 class TemplateTransformConfig(StepConfig):
@@ -18,11 +19,20 @@ class TemplateTransformConfig(StepConfig):
         None, description="Keep the item and put the result under this key instead of replacing the item."
     )
     merge: bool = Field(False, description="With mapping: add its keys to the item instead of replacing it.")
+    each: str | None = Field(
+        None,
+        description='A template giving a list, such as "{{ item.attachments }}": the item is split into one '
+        "item per element, shaped by mapping or template (if given) with the element as item.",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> TemplateTransformConfig:
-        if (self.mapping is None) == (self.template is None):
+        if self.mapping is not None and self.template is not None:
             raise ValueError("give exactly one of mapping or template")
+        if self.mapping is None and self.template is None and self.each is None:
+            raise ValueError("give exactly one of mapping or template (or each, to split the item)")
+        if self.each is not None and not is_template(self.each):
+            raise ValueError('each: must be a template giving a list, such as "{{ item.attachments }}"')
         return self
 
 
@@ -31,6 +41,22 @@ class TemplateTransform(TransformStep[TemplateTransformConfig]):
     description = "Reshape each item with Jinja2 templates (a mapping, or one template)."
 
     def transform(self, item: Item) -> Any:
+        cfg = self.config
+        if cfg.each is None:
+            return self._shape(item)
+        elements = self.render(cfg.each, item)
+        if not isinstance(elements, list | tuple):
+            raise StepError(f"each: gave {type(elements).__name__}, not a list", retryable=False)
+        # a list: the engine makes one item of each (a split), keyed from this one
+        parts = (
+            Item(seq=item.seq, data=e if isinstance(e, dict) else {"value": e}, key=item.key, steps=item.steps)
+            for e in elements
+        )
+        if cfg.mapping is None and cfg.template is None:
+            return [part.data for part in parts]
+        return [self._shape(part) for part in parts]
+
+    def _shape(self, item: Item) -> Any:
         cfg = self.config
         if cfg.mapping is not None:
             result: Any = self.render(cfg.mapping, item)
