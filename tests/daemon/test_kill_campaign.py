@@ -56,7 +56,9 @@ def test_a_killed_run_costs_only_what_was_in_flight(campaign: Campaign) -> None:
     results: list[TrialResult] = [
         campaign.trial(number, mode, kill_when) for number, (mode, kill_when) in enumerate(TRIALS, 1)
     ]
-    # every trial was a kill in the middle of the work
-    assert all(r.calls_in_flight + r.posts_in_flight > 0 for r in results), results
+    # kills in the middle of the work: on a loaded machine one may land between two requests
+    # (the invariants below hold either way), but the campaign means something only if most do not
+    mid_work = sum(r.calls_in_flight + r.posts_in_flight > 0 for r in results)
+    assert mid_work >= len(results) - 1, results
     missed = [v for r in results for v in r.violations()]
     assert not missed, "\n".join(missed)
