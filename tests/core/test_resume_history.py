@@ -27,6 +27,7 @@ class CrashConfig(StepConfig):
 
 class Crash(TransformStep[CrashConfig]):
     name = "test.crash_when_recorded"
+    blocking = True   # waits in a thread: the event loop goes on recording the other answers
 
     def transform(self, item):
         marker = Path(self.config.marker)
