@@ -27,10 +27,11 @@ import re
 import threading
 import time
 import types
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefined, nodes
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError, Undefined, nodes
 from jinja2 import filters as jinja_filters
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, UndefinedError
@@ -84,6 +85,24 @@ _state = threading.local()  # renders in step threads each have their own budget
 
 def _current() -> _Budget | None:
     return getattr(_state, "budget", None)
+
+
+def _bounded(evaluate: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    """``evaluate`` (Jinja at work) under a budget of its own, or its caller's when nested.
+
+    Only what runs Jinja needs one: a plain lookup (``{{ item.id }}``) skips the cost.
+    """
+
+    def bounded(context: Mapping[str, Any]) -> Any:
+        if getattr(_state, "budget", None) is not None:
+            return evaluate(context)
+        _state.budget = _Budget()
+        try:
+            return evaluate(context)
+        finally:
+            _state.budget = None
+
+    return bounded
 
 
 def _tick() -> None:
@@ -538,6 +557,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         )
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
+            # `item.title`: a dict has no such attribute, so Jinja would look the key up
+            # after an AttributeError; an absent key takes Jinja's path for its Undefined
+            value = obj.get(attribute, _MISSING)
+            if value is not _MISSING:
+                return _hide(value, attribute)
         if type(obj) is _Opaque:
             value = super().getattr(obj.target, attribute)
             if isinstance(value, Undefined):
@@ -638,6 +663,48 @@ def _dotted_getter(root: str, parts: list[str], fallback: Callable[[Mapping[str,
     return get
 
 
+def _context_maker(environment: _Sandbox, template: Template) -> Callable[[Mapping[str, Any]], Context]:
+    """``template.new_context``, without its cost per render.
+
+    Jinja gives each template a ``ChainMap`` of its own globals (none, here) over the
+    environment's, and walks it twice per context; a template rendered for every item
+    spent more on that than on its expression. The context made here is the same: the
+    environment's globals (read at each render, as Jinja's would be) overlaid by the
+    render's names. A template whose globals look otherwise takes Jinja's own path.
+    """
+    globals_ = template.globals
+    shared = environment.globals
+    maps = globals_.maps if isinstance(globals_, ChainMap) else []
+    if not (len(maps) == 2 and not maps[0] and maps[1] is shared):
+        return lambda context: template.new_context(dict(context))
+    make = environment.context_class
+    name, blocks = template.name, template.blocks
+
+    def new_context(context: Mapping[str, Any]) -> Context:
+        return make(environment, {**shared, **context}, name, blocks, shared)
+
+    return new_context
+
+
+def _expression(environment: _Sandbox, source: str) -> Callable[[Mapping[str, Any]], Any]:
+    """A lone expression's value for a context, as Jinja's ``compile_expression`` computes it."""
+    expression = environment.compile_expression(source, undefined_to_none=False)
+    template = getattr(expression, "_template", None)  # what the expression runs; Jinja keeps it private
+    if not isinstance(template, Template):
+        return _bounded(lambda context: _shown(expression(**context)))
+    run = template.root_render_func
+    new_context = _context_maker(environment, template)
+
+    @_bounded
+    def evaluate(context: Mapping[str, Any]) -> Any:
+        frame = new_context(context)
+        for _ in run(frame):  # an expression's template yields nothing: it sets `result`
+            pass
+        return _shown(frame.vars["result"])
+
+    return evaluate
+
+
 class Templates:
     """The templates of one set of plugins: a sandboxed Jinja environment and its compile cache.
 
@@ -675,16 +742,17 @@ class Templates:
         if dotted:
             parts = dotted.group("rest").split(".")[1:]
             if not _DICT_ATTRIBUTES.intersection(parts) and dotted.group("root") in CONTEXT_NAMES:
-                expression = environment.compile_expression(text.strip()[2:-2], undefined_to_none=False)
-                return _dotted_getter(dotted.group("root"), parts, lambda context: _shown(expression(**context)))
+                expression = _expression(environment, text.strip()[2:-2])
+                return _dotted_getter(dotted.group("root"), parts, expression)
         match = _SINGLE_EXPRESSION.match(text)
         if match and "}}" not in match.group("expr") and "{{" not in match.group("expr"):
-            expression = environment.compile_expression(match.group("expr"), undefined_to_none=False)
-            return lambda context: _shown(expression(**context))
+            return _expression(environment, match.group("expr"))
         template = environment.from_string(text)
+        new_context = _context_maker(environment, template)
 
+        @_bounded
         def render(context: Mapping[str, Any]) -> str:
-            return environment.concat(template.root_render_func(template.new_context(dict(context))))
+            return environment.concat(template.root_render_func(new_context(context)))
 
         return render
 
@@ -692,9 +760,6 @@ class Templates:
         """Render one template string; raises TemplateRenderError with the reason."""
         if not is_template(text):
             return text
-        outer = getattr(_state, "budget", None)
-        if outer is None:
-            _state.budget = _Budget()
         try:
             value = self._compile(text)(context)
         except UndefinedError as exc:
@@ -713,9 +778,6 @@ class Templates:
             raise TemplateRenderError(f"template {_short(text)}: {exc.message or type(exc).__name__}") from None
         except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RuntimeError) as exc:
             raise TemplateRenderError(f"template {_short(text)}: {type(exc).__name__}: {exc}") from None
-        finally:
-            if outer is None:
-                _state.budget = None
         if isinstance(value, Undefined):
             # a lone expression hands back the Undefined itself instead of raising
             raise TemplateRenderError(f"template {_short(text)}: {value._undefined_message}")

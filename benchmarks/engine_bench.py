@@ -114,10 +114,12 @@ def main() -> list[tuple[str, str]]:
         make_items(folder)
         plain_loop(folder)  # warm imports and caches for both
         engine_run(folder)
-        plain_times, engine_times = [], []
+        plain_times, engine_times, engine_cpu = [], [], []
         for _ in range(5):  # interleaved, best of five: the least disturbed run of each
             plain_times.append(plain_loop(folder))
+            cpu = time.process_time()
             engine_times.append(engine_run(folder)[0])
+            engine_cpu.append(time.process_time() - cpu)
         plain, engine = min(plain_times), min(engine_times)
     plain_rate, engine_rate = ITEMS / plain, ITEMS / engine
     overhead_us = (engine - plain) / ITEMS / STEPS * 1e6
@@ -127,6 +129,12 @@ def main() -> list[tuple[str, str]]:
         ("engine items/s", f"{engine_rate:,.0f}"),
         ("engine / plain", f"{engine_rate / plain_rate:.0%} (target >= 80%)"),
         ("engine cost per item per step", f"{overhead_us:.1f} µs"),
+        # the spread shows how much the machine disturbed the runs (two cores, shared)
+        ("plain loop s (5 runs)", f"best {plain:.2f}, worst {max(plain_times):.2f}"),
+        ("engine s (5 runs)", f"best {engine:.2f}, worst {max(engine_times):.2f}"),
+        # every thread's CPU (the history's writer, the file steps' threads): above the
+        # wall time when threads overlapped, below it when the engine waited
+        ("engine CPU s (5 runs)", f"least {min(engine_cpu):.2f}, most {max(engine_cpu):.2f}"),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
@@ -63,18 +64,17 @@ def executemany(
         conn.execute(statement, rows)
         return
     sql, names = _compiled(statement, conn, tuple(rows[0]))
-    pick = itemgetter(*names)
-    if len(names) == 1:
-        values: list[tuple[Any, ...]] = [(pick(row),) for row in rows]
-        conn.exec_driver_sql(sql, values)
-        return
+    # itemgetter of one name hands back the value itself (of none, it cannot be made)
+    pick: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+        itemgetter(*names) if len(names) >= 2 else lambda row: tuple(row[name] for name in names)
+    )
     json_at = [i for i, name in enumerate(names) if name in json_keys]
     time_at = [i for i, name in enumerate(names) if name in time_keys]
     if not json_at and not time_at:
         conn.exec_driver_sql(sql, [pick(row) for row in rows])
         return
     stamps: dict[datetime, str] = {}  # a chunk's rows share their stamp: formatted once
-    values = []
+    values: list[tuple[Any, ...]] = []
     # the rows stay as given (a work is tried again whole when the database was locked)
     for row in rows:
         line = list(pick(row))

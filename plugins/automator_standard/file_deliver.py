@@ -51,6 +51,8 @@ SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv"
 PART_SUFFIX = ".part"
 ASSEMBLING = "assembling.tmp"
 ASSEMBLED_PREFIX = "assembled-"  # + the item count, for the summary of a close that finishes it
+# one encoder for every line: json.dumps with options builds a new one per call
+_json_line = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
 class FileDeliverConfig(StepConfig):
@@ -124,7 +126,7 @@ class FileDeliver(DeliverStep[FileDeliverConfig]):
         rows = [self.context.redactor.data(item.data) for item in items]
         columns: list[str] | None = None
         if fmt == "jsonl":
-            body = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+            body = "\n".join(map(_json_line, rows)) + "\n"  # rows is never empty here
         elif fmt == "json":
             # the list's elements as json.dumps(indent=2) lays them out inside "[\n" ... "\n]"
             body = json.dumps(rows, ensure_ascii=False, indent=2, default=str)[2:-2]
