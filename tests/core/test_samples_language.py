@@ -287,3 +287,28 @@ steps:
     saved = [json.loads(line)["id"] for line in (project / "out" / "tickets.jsonl").read_text().splitlines()]
     assert sorted(saved) == everything
     history.close()
+
+
+# --- splitting: workflows/mail-attachments.yaml (offline, runs as shipped) -----------------------
+
+
+def test_the_attachments_sample_splits_each_mail(tmp_path: Path, cli, history: History) -> None:
+    project = tmp_path / "workflows"
+    shutil.copytree(REPO / "workflows" / "data", project / "data")
+    flow = project / "mail-attachments.yaml"
+    shutil.copy(REPO / "workflows" / "mail-attachments.yaml", flow)
+
+    result = cli("run", flow)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    images = [json.loads(line) for line in (project / "out" / "attachment-images.jsonl").read_text().splitlines()]
+    assert sorted((i["mail"], i["file"]) for i in images) == [("mail-1", "parcel.png"), ("mail-3", "screen.png")]
+    run = history.list_runs()[0]
+    ended = {i.key: i.outcome for i in history.items(run.id)}
+    assert ended == {
+        "mail-1": "skipped",  # split into its attachments
+        "mail-2": "skipped",  # no attachments: split into no items
+        "mail-3": "skipped",
+        "mail-1/parcel.png": "delivered",
+        "mail-1/receipt.pdf": "skipped",  # not an image: the deliver step's when: is false
+        "mail-3/screen.png": "delivered",
+    }
