@@ -145,9 +145,10 @@ class GroupDeliverDriver(ItemDriver):
                 raise
 
     async def _deliver_group(self, group: _Group) -> Results:
-        members = [item for item, _ in group.members]
+        # in item order, whichever chunk came first: a group sent again after a crash is the same message
+        members = sorted((item for item, _ in group.members), key=lambda i: i.seq)
         key = self.group_key(group)
-        first = min(members, key=lambda i: i.seq)
+        first = members[0]
         by = group.by if group.sealed_key is None else self._by_of(first)
         digest = Item(
             seq=first.seq,
