@@ -9,25 +9,77 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, inspect, text
 
 from automator.cli.main import main
 from automator.engine.runner import RunResult
 from automator.history.store import History
 from automator.plugins.manager import Plugins, load_plugins
 from automator.testing import CliResult
+from tests import postgres
+from tests.postgres import PostgresServer, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        postgres.backend()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.addinivalue_line(
+        "markers", "sqlite_only: the test is about the embedded SQLite file; its history stays SQLite on every backend"
+    )
+    config.addinivalue_line(
+        "markers", "empty_history: under PostgreSQL, the test's database has no tables yet (it runs the migrations)"
+    )
+    config.addinivalue_line(
+        "markers", "no_history: the test is about workflow files, not the history: the PostgreSQL pass leaves it out"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On PostgreSQL, only the tests that keep a history there: the rest ran on SQLite already
+    (one pass of the whole suite and one of these fit in CI's time)."""
+    if postgres.backend() != "postgresql":
+        return
+    keep, drop = [], []
+    for item in items:
+        on_server = "history_url" in getattr(item, "fixturenames", ()) and not any(
+            item.get_closest_marker(name) for name in ("sqlite_only", "no_history")
+        )
+        (keep if on_server else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (AUTOMATOR_TEST_DATABASE=postgresql); a failed start fails the tests."""
+    server = start_server()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def history_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh SQLite history for this test, also what the CLI uses."""
-    url = f"sqlite:///{tmp_path / 'history.db'}"
+def history_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh history for this test, also what the CLI uses: an SQLite file, or a PostgreSQL database
+    when AUTOMATOR_TEST_DATABASE=postgresql (see tests/postgres.py)."""
+    server: PostgresServer | None = None
+    if postgres.backend() == "postgresql" and request.node.get_closest_marker("sqlite_only") is None:
+        server = request.getfixturevalue("postgres_server")
+        url = server.create_database(empty=request.node.get_closest_marker("empty_history") is not None)
+    else:
+        url = f"sqlite:///{tmp_path / 'history.db'}"
     monkeypatch.setenv("AUTOMATOR_DATABASE_URL", url)
     monkeypatch.setenv("COLUMNS", "200")
-    return url
+    yield url
+    if server is not None:
+        server.drop_database(url)
 
 
 @pytest.fixture
@@ -78,6 +130,30 @@ def write_workflow(workflow_dir: Path):
         return path
 
     return write
+
+
+def history_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of a plain SQL query on a history database, SQLite or PostgreSQL: a test's own look."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def dump_history(url: str) -> str:
+    """Every row of every table of a history database, as text: to look for what must not be there."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return "\n".join(
+                repr(tuple(row))
+                for table in inspect(conn).get_table_names()
+                for row in conn.execute(text(f'select * from "{table}"'))
+            )
+    finally:
+        engine.dispose()
 
 
 def run_console(

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, not_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from automator.history.daemon_models import RunRecovery, ScheduleState, TriggerRequest
 from automator.history.db import inserted_id
@@ -51,7 +52,16 @@ class DaemonStore:
     def register(self, workflow: str, schedule: str) -> datetime:
         """Make sure the workflow has a state row; returns when it was first registered."""
         stamp = now()
-        with self._errors(), self.engine.begin() as conn:
+        with self._errors():
+            try:
+                return self._register(workflow, schedule, stamp)
+            except IntegrityError:
+                # another daemon registered it meanwhile (PostgreSQL's writers don't take turns
+                # as SQLite's do): its row is there now, and stays the first registration
+                return self._register(workflow, schedule, stamp)
+
+    def _register(self, workflow: str, schedule: str, stamp: datetime) -> datetime:
+        with self.engine.begin() as conn:
             found = conn.execute(
                 select(ScheduleState.registered_at).where(ScheduleState.workflow == workflow)
             ).scalar_one_or_none()

@@ -95,7 +95,7 @@ def _unknown_backend(url: str, parsed: URL, exc: Exception) -> HistoryError:
     if isinstance(exc, ImportError):
         return HistoryError(
             f"the database driver for {safe_url(url)} is not installed ({exc})",
-            hint="install it (for PostgreSQL: pip install 'psycopg[binary]' and write postgresql+psycopg://...)",
+            hint="install it (for PostgreSQL: pip install 'automator[scale]' and write postgresql+psycopg://...)",
         )
     if backend == "postgres":
         return HistoryError(

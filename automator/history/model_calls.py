@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql
 
 from automator.history.db import inserted_id
 from automator.history.llm_models import CachedResponse, ModelBatch
@@ -179,7 +180,8 @@ class ModelCallHistory:
         if self.history.engine.dialect.name == "sqlite":
             day_column = func.strftime("%Y-%m-%d", ModelCall.created_at)
         else:
-            day_column = func.to_char(ModelCall.created_at, "YYYY-MM-DD")
+            # the UTC day, as SQLite's: not the day in the server's (or session's) time zone
+            day_column = func.to_char(func.timezone("UTC", ModelCall.created_at), "YYYY-MM-DD")
         groupings: dict[str, list[Any]] = {
             "workflow": [ModelCall.workflow],
             "day": [day_column],
@@ -272,7 +274,13 @@ def _insert_cache(conn: Connection, cache: list[dict[str, Any]]) -> None:
     keys = [row["key"] for row in cache]
     existing = set(conn.scalars(select(CachedResponse.key).where(CachedResponse.key.in_(keys))))
     fresh = [row for row in cache if row["key"] not in existing]
-    if fresh:
+    if not fresh:
+        return
+    if conn.dialect.name == "postgresql":
+        # another process may be storing the same answer right now, unseen (SQLite's writers
+        # take turns, PostgreSQL's don't): the first one stays, and this transaction goes on
+        conn.execute(postgresql.insert(CachedResponse).on_conflict_do_nothing(index_elements=["key"]), fresh)
+    else:
         conn.execute(insert(CachedResponse), fresh)
 
 

@@ -31,9 +31,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        # PostgreSQL answers in the session's time zone, whatever the server is set to
+        return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -105,7 +108,9 @@ class LedgerItem(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     workflow: Mapped[str] = mapped_column(String(200))
     seq: Mapped[int]
-    key: Mapped[str | None] = mapped_column(String(500))
+    # a workflow's template makes it, of any length: PostgreSQL would enforce a VARCHAR's
+    # (SQLite never did), so it is unbounded there
+    key: Mapped[str | None] = mapped_column(String(500).with_variant(Text(), "postgresql"))
     fetched_by: Mapped[str] = mapped_column(String(200))
     outcome: Mapped[str] = mapped_column(String(20))  # pending | delivered | skipped | quarantined | failed
     step_id: Mapped[str | None] = mapped_column(String(200))  # where the item's path ended

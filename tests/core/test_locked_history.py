@@ -21,6 +21,9 @@ from werkzeug import Request, Response
 
 from tests.conftest import run_console
 
+# SQLite's own locking (a second sqlite3 connection): these tests stay on SQLite on every backend
+pytestmark = pytest.mark.sqlite_only
+
 ITEMS = 50
 
 

@@ -37,6 +37,9 @@ from tests.conftest import REPO
 from tests.daemon.conftest import DaemonProcess, wait_for
 from tests.llm.fake_openai import FakeOpenAI
 
+# an SQLite file an old release wrote: these tests stay on SQLite when the suite runs on PostgreSQL
+pytestmark = pytest.mark.sqlite_only
+
 DATA = REPO / "tests" / "data"
 FIXTURE = DATA / "history-6263ae2.sqlite"
 RECORDED = json.loads((DATA / "history-6263ae2.json").read_text(encoding="utf-8"))

@@ -16,8 +16,9 @@ from tests.llm.fake_openai import FakeOpenAI
 
 # dies (SIGKILL, no cleanup) once the model step's calls are written down: a real crash
 CRASH_AFTER_RECORDED_CALLS = """
-import os, signal, sqlite3, time
+import os, signal, time
 from pathlib import Path
+from sqlalchemy import create_engine, text
 from automator import TransformStep, StepConfig, hookimpl
 
 class CrashConfig(StepConfig):
@@ -33,12 +34,13 @@ class Crash(TransformStep[CrashConfig]):
         marker = Path(self.config.marker)
         if not marker.exists():
             marker.write_text("crashed")
+            engine = create_engine(self.config.database)  # the history's URL, SQLite or PostgreSQL
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:   # a condition, polled: the recorder writes in the background
-                with sqlite3.connect(self.config.database) as db:
+                with engine.connect() as db:
                     # answered calls: a call's row is written (`sent`) before its request leaves
-                    answered = "select count(*) from model_calls where status = 'ok'"
-                    if db.execute(answered).fetchone()[0] >= self.config.calls:
+                    answered = text("select count(*) from model_calls where status = 'ok'")
+                    if db.execute(answered).scalar() >= self.config.calls:
                         break
                 time.sleep(0.02)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -87,7 +89,7 @@ def test_after_a_resume_no_step_is_running_and_step_costs_add_up_to_costs(
                   max_output_tokens: 50
               - id: crash
                 uses: test.crash_when_recorded
-                with: {{marker: "{tmp_path / "crashed"}", database: "{history_url.removeprefix("sqlite:///")}", calls: 6}}
+                with: {{marker: "{tmp_path / "crashed"}", database: "{history_url}", calls: 6}}
               - id: save
                 uses: file.deliver
                 with: {{path: out.jsonl}}

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from automator.history.daemon_store import DaemonStore
@@ -184,10 +184,9 @@ def test_catch_up_after_downtime(workflows: Path, write, start_daemon, read_hist
     every = catch_ups("all")
     assert len(every) >= 3  # one per missed second
     assert all(r.scheduled_for > stopped_at for r in every)
-    assert (
-        latest[0].scheduled_for == every[-1].scheduled_for
-        or abs((latest[0].scheduled_for - every[-1].scheduled_for).total_seconds()) < 1
-    )
+    # the newest fire missed: each workflow's catch-up is planned in turn, so `latest`'s may be
+    # planned a moment after `all`'s (seconds, on a loaded machine), never before it
+    assert every[-1].scheduled_for - timedelta(seconds=1) < latest[0].scheduled_for <= latest[0].started_at
     finished = wait_for(
         lambda: (done := catch_ups("all") + catch_ups("latest")) and all(r.status != "running" for r in done) and done,
         10,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import textwrap
 from pathlib import Path
 from typing import Any
 
 from pytest_httpserver import HTTPServer
+from sqlalchemy import create_engine, inspect, text
 
 from automator import hookimpl
 from automator.history.store import History
@@ -68,9 +68,17 @@ def write_items(folder: Path, items: list[dict[str, Any]]) -> None:
 
 def history_rows(history_url: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table of the history (but the schema's version)."""
-    with sqlite3.connect(history_url.removeprefix("sqlite:///")) as db:
-        tables = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: sorted(db.execute(f'SELECT * FROM "{t}"'), key=repr) for t in tables if t != "alembic_version"}
+    engine = create_engine(history_url)
+    try:
+        with engine.connect() as db:
+            tables = inspect(db).get_table_names()
+            return {
+                t: sorted((tuple(row) for row in db.execute(text(f'SELECT * FROM "{t}"'))), key=repr)
+                for t in tables
+                if t != "alembic_version"
+            }
+    finally:
+        engine.dispose()
 
 
 class Listener:

@@ -11,8 +11,9 @@ from tests.conftest import resume_crashed, run_until_killed
 from tests.llm.fake_openai import FakeOpenAI
 
 CRASH_AFTER_MODEL = """
-import asyncio, os, signal, sqlite3, time
+import asyncio, os, signal, time
 from pathlib import Path
+from sqlalchemy import create_engine, text
 from automator import TransformStep, StepConfig, hookimpl
 
 class CrashConfig(StepConfig):
@@ -28,11 +29,12 @@ class Crash(TransformStep[CrashConfig]):
         if not marker.exists():
             marker.write_text("crashed")
             # items stream through the steps: wait (a condition, polled) for every answer to be recorded
+            engine = create_engine(self.config.database)  # the history's URL, SQLite or PostgreSQL
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                with sqlite3.connect(self.config.database) as db:
-                    answered = "select count(*) from model_calls where status = 'ok'"
-                    if db.execute(answered).fetchone()[0] >= self.config.calls:
+                with engine.connect() as db:
+                    answered = text("select count(*) from model_calls where status = 'ok'")
+                    if db.execute(answered).scalar() >= self.config.calls:
                         break
                 await asyncio.sleep(0.02)  # the model step goes on meanwhile
             os.kill(os.getpid(), signal.SIGKILL)
@@ -76,7 +78,7 @@ def test_a_killed_model_run_resumes_without_a_second_call(
                   max_output_tokens: 50
               - id: crash
                 uses: test.crash_after_model
-                with: {{marker: "{tmp_path / "crashed"}", database: "{history_url.removeprefix("sqlite:///")}", calls: 6}}
+                with: {{marker: "{tmp_path / "crashed"}", database: "{history_url}", calls: 6}}
               - id: save
                 uses: file.deliver
                 with: {{path: out.jsonl}}
